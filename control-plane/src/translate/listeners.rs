@@ -1,0 +1,162 @@
+//! Listeners: where a sidecar accepts outbound traffic, or, for a proxyless
+//! gRPC client, the `api_listener` behind each target name.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use remora_xds_proto::pack;
+use remora_xds_proto::pb::envoy::config::core::v3::{
+    Address, SocketAddress, TrafficDirection, address, socket_address::PortSpecifier,
+};
+use remora_xds_proto::pb::envoy::config::listener::v3::{
+    ApiListener, Filter, FilterChain, Listener, filter,
+};
+use remora_xds_proto::pb::envoy::extensions::filters::http::router::v3::Router;
+use remora_xds_proto::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
+    http_filter::ConfigType,
+};
+use remora_xds_proto::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    TcpProxy, tcp_proxy::ClusterSpecifier,
+};
+use remora_xds_proto::pb::google::protobuf::BoolValue;
+
+use super::routes::{ShortNames, http_ports};
+use super::{Flavor, OUTBOUND, View, ads, cluster_name};
+use crate::model::{Mesh, Protocol};
+
+const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
+const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
+const ROUTER_FILTER: &str = "envoy.filters.http.router";
+
+pub(super) fn listeners(mesh: &Mesh, view: &View) -> Vec<Listener> {
+    match view.flavor {
+        Flavor::Sidecar => sidecar_listeners(mesh, view.outbound_listener),
+        Flavor::ProxylessGrpc => api_listeners(mesh),
+    }
+}
+
+/// The explicit outbound listener, bound where the node asked, plus one
+/// unbound listener per service port that `use_original_dst` hands
+/// intercepted connections to (Istio's layout).
+fn sidecar_listeners(mesh: &Mesh, outbound: SocketAddr) -> Vec<Listener> {
+    let mut listeners = vec![Listener {
+        name: OUTBOUND.to_string(),
+        address: Some(socket_address(outbound)),
+        use_original_dst: Some(BoolValue { value: true }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        filter_chains: vec![FilterChain {
+            name: OUTBOUND.to_string(),
+            filters: vec![network_filter(
+                HCM_FILTER,
+                &http_connection_manager(OUTBOUND),
+            )],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }];
+
+    let mut http_port_numbers: Vec<u16> = http_ports(mesh).map(|(_, p, _)| p.port).collect();
+    http_port_numbers.sort_unstable();
+    http_port_numbers.dedup();
+    for port in http_port_numbers {
+        let address = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+        listeners.push(unbound_listener(
+            address,
+            network_filter(HCM_FILTER, &http_connection_manager(&port.to_string())),
+        ));
+    }
+
+    // Opaque TCP can only be told apart by destination address, so only
+    // services with a virtual IP get a listener.
+    for service in mesh.services() {
+        let Some(vip) = service.vip else { continue };
+        for port in service.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+            let cluster = cluster_name(&service.key(), port.port, None);
+            let tcp_proxy = TcpProxy {
+                stat_prefix: cluster.clone(),
+                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster)),
+                ..Default::default()
+            };
+            listeners.push(unbound_listener(
+                SocketAddr::new(vip, port.port),
+                network_filter(TCP_PROXY_FILTER, &tcp_proxy),
+            ));
+        }
+    }
+    listeners
+}
+
+fn unbound_listener(address: SocketAddr, filter: Filter) -> Listener {
+    Listener {
+        name: format!("{}_{}", address.ip(), address.port()),
+        address: Some(socket_address(address)),
+        bind_to_port: Some(BoolValue { value: false }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        filter_chains: vec![FilterChain {
+            filters: vec![filter],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// gRPC looks a target up as a listener of the same name (`xds:///NAME`).
+/// Each HTTP service port answers to every form of its name with the port,
+/// and the service's first HTTP port also without it.
+fn api_listeners(mesh: &Mesh) -> Vec<Listener> {
+    let names = ShortNames::new(mesh);
+    let mut listeners = Vec::new();
+    for (service, port, is_default) in http_ports(mesh) {
+        let hcm = pack(&http_connection_manager(&port.port.to_string()));
+        for host in names.hosts(service) {
+            if is_default {
+                listeners.push(api_listener(host.clone(), hcm.clone()));
+            }
+            listeners.push(api_listener(format!("{host}:{}", port.port), hcm.clone()));
+        }
+    }
+    listeners
+}
+
+fn api_listener(name: String, hcm: remora_xds_proto::pb::google::protobuf::Any) -> Listener {
+    Listener {
+        name,
+        api_listener: Some(ApiListener {
+            api_listener: Some(hcm),
+        }),
+        ..Default::default()
+    }
+}
+
+fn http_connection_manager(route_config_name: &str) -> HttpConnectionManager {
+    HttpConnectionManager {
+        stat_prefix: route_config_name.to_string(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_config_name.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: ROUTER_FILTER.to_string(),
+            config_type: Some(ConfigType::TypedConfig(pack(&Router::default()))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn network_filter<M: prost::Message + prost::Name>(name: &str, config: &M) -> Filter {
+    Filter {
+        name: name.to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack(config))),
+    }
+}
+
+fn socket_address(addr: SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: addr.ip().to_string(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(addr.port()))),
+            ..Default::default()
+        })),
+    }
+}
