@@ -1,0 +1,347 @@
+//! The Aggregated Discovery Service: state-of-the-world and delta streams
+//! over gRPC, serving the views `translate` makes of each snapshot.
+//!
+//! Each stream is a task that owns a state machine ([`sotw::SotwStream`] or
+//! [`delta::DeltaStream`]) and feeds it two inputs: the client's requests
+//! and new snapshots. The state machines do all protocol work and are
+//! tested without sockets.
+
+pub mod delta;
+pub mod snapshot;
+pub mod sotw;
+pub mod status;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use remora_xds_proto::pb::envoy::config::core::v3::Node;
+use remora_xds_proto::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    },
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::Metrics;
+use crate::translate::{NodeError, View, client_kind};
+use snapshot::Snapshot;
+use status::SyncRegistry;
+
+/// Responses queued per stream before the stream task waits for the client.
+const STREAM_BUFFER: usize = 4;
+
+/// Who is on the other end of a stream, from its first request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientInfo {
+    /// `node.id`.
+    pub node_id: String,
+    /// `node.cluster`.
+    pub node_cluster: String,
+    /// `envoy`, `grpc` or `remora`.
+    pub kind: &'static str,
+    /// What it is sent.
+    pub view: View,
+}
+
+impl ClientInfo {
+    /// Reads the node descriptor of a stream's first request.
+    pub fn from_node(node: Option<&Node>) -> Result<ClientInfo, StreamError> {
+        let node = node.ok_or(StreamError::NoNode)?;
+        Ok(ClientInfo {
+            node_id: node.id.clone(),
+            node_cluster: node.cluster.clone(),
+            kind: client_kind(node),
+            view: View::for_node(node)?,
+        })
+    }
+}
+
+/// Why a request could not be handled.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The first request had no node descriptor.
+    #[error("the first request on a stream must carry the node descriptor")]
+    NoNode,
+    /// The node's metadata is unusable.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// A type this server does not serve.
+    #[error("type {0:?} is not served here (served: LDS, RDS, CDS, EDS)")]
+    UnknownType(String),
+}
+
+/// The ADS gRPC service.
+pub struct AdsServer {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
+    registry: Arc<SyncRegistry>,
+    next_stream: AtomicU64,
+}
+
+impl AdsServer {
+    /// A server of the snapshots `snapshots` publishes.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        metrics: Arc<Metrics>,
+        registry: Arc<SyncRegistry>,
+    ) -> AdsServer {
+        AdsServer {
+            snapshots,
+            metrics,
+            registry,
+            next_stream: AtomicU64::new(1),
+        }
+    }
+
+    /// The tonic service wrapping this server.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
+        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(16 << 20)
+    }
+
+    fn stream_context(&self) -> StreamContext {
+        StreamContext {
+            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+            snapshots: self.snapshots.clone(),
+            metrics: self.metrics.clone(),
+            registry: self.registry.clone(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let cx = self.stream_context();
+        tokio::spawn(cx.run(request.into_inner(), tx, SotwMachine::default()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let cx = self.stream_context();
+        tokio::spawn(cx.run(request.into_inner(), tx, DeltaMachine::default()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+// === Stream task ===
+
+/// What the stream task needs from a protocol state machine.
+trait Machine: Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    const API: &'static str;
+
+    fn on_request(
+        &mut self,
+        request: Self::Request,
+        snapshot: &Snapshot,
+    ) -> Result<
+        (
+            Vec<Self::Response>,
+            Option<(crate::translate::ResourceType, String)>,
+        ),
+        StreamError,
+    >;
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<Self::Response>, StreamError>;
+    fn client(&self) -> Option<&ClientInfo>;
+    fn status(&self) -> Option<status::ClientStatus>;
+    fn type_name(response: &Self::Response) -> &'static str;
+}
+
+#[derive(Default)]
+struct SotwMachine(sotw::SotwStream);
+#[derive(Default)]
+struct DeltaMachine(delta::DeltaStream);
+
+impl Machine for SotwMachine {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const API: &'static str = "sotw";
+
+    fn on_request(
+        &mut self,
+        request: DiscoveryRequest,
+        snapshot: &Snapshot,
+    ) -> Result<
+        (
+            Vec<DiscoveryResponse>,
+            Option<(crate::translate::ResourceType, String)>,
+        ),
+        StreamError,
+    > {
+        let outcome = self.0.on_request(request, snapshot)?;
+        Ok((outcome.responses, outcome.nack))
+    }
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<DiscoveryResponse>, StreamError> {
+        self.0.on_snapshot(snapshot)
+    }
+    fn client(&self) -> Option<&ClientInfo> {
+        self.0.client()
+    }
+    fn status(&self) -> Option<status::ClientStatus> {
+        self.0.status()
+    }
+    fn type_name(response: &DiscoveryResponse) -> &'static str {
+        remora_xds_proto::type_url::short_name(&response.type_url)
+    }
+}
+
+impl Machine for DeltaMachine {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const API: &'static str = "delta";
+
+    fn on_request(
+        &mut self,
+        request: DeltaDiscoveryRequest,
+        snapshot: &Snapshot,
+    ) -> Result<
+        (
+            Vec<DeltaDiscoveryResponse>,
+            Option<(crate::translate::ResourceType, String)>,
+        ),
+        StreamError,
+    > {
+        let outcome = self.0.on_request(request, snapshot)?;
+        Ok((outcome.responses, outcome.nack))
+    }
+    fn on_snapshot(
+        &mut self,
+        snapshot: &Snapshot,
+    ) -> Result<Vec<DeltaDiscoveryResponse>, StreamError> {
+        self.0.on_snapshot(snapshot)
+    }
+    fn client(&self) -> Option<&ClientInfo> {
+        self.0.client()
+    }
+    fn status(&self) -> Option<status::ClientStatus> {
+        self.0.status()
+    }
+    fn type_name(response: &DeltaDiscoveryResponse) -> &'static str {
+        remora_xds_proto::type_url::short_name(&response.type_url)
+    }
+}
+
+struct StreamContext {
+    id: u64,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
+    registry: Arc<SyncRegistry>,
+}
+
+impl StreamContext {
+    async fn run<M: Machine>(
+        mut self,
+        mut inbound: Streaming<M::Request>,
+        tx: mpsc::Sender<Result<M::Response, Status>>,
+        mut machine: M,
+    ) {
+        let mut counted: Option<(&'static str, &'static str)> = None;
+        let result: Result<(), Status> = async {
+            loop {
+                let (responses, from_snapshot) = tokio::select! {
+                    message = inbound.message() => {
+                        let Some(request) = message? else { return Ok(()) };
+                        let snapshot = self.snapshots.borrow_and_update().clone();
+                        match machine.on_request(request, &snapshot) {
+                            Ok((responses, nack)) => {
+                                if let Some((ty, message)) = nack {
+                                    self.record_nack(&machine, ty, &message);
+                                }
+                                (responses, None)
+                            }
+                            Err(StreamError::UnknownType(url)) => {
+                                tracing::warn!(stream = self.id, type_url = url, "request for a type this server does not serve, ignored");
+                                (Vec::new(), None)
+                            }
+                            Err(e) => return Err(Status::invalid_argument(e.to_string())),
+                        }
+                    }
+                    changed = self.snapshots.changed() => {
+                        if changed.is_err() {
+                            return Err(Status::unavailable("control plane shutting down"));
+                        }
+                        let snapshot = self.snapshots.borrow_and_update().clone();
+                        let responses = machine
+                            .on_snapshot(&snapshot)
+                            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                        (responses, Some(snapshot))
+                    }
+                    () = tx.closed() => return Ok(()),
+                };
+                if counted.is_none()
+                    && let Some(client) = machine.client()
+                {
+                    let labels = (client.kind, M::API);
+                    self.metrics.xds_clients.with_label_values(&[labels.0, labels.1]).inc();
+                    counted = Some(labels);
+                    tracing::info!(stream = self.id, node = client.node_id, kind = client.kind, api = M::API, "xDS client connected");
+                }
+                for response in responses {
+                    self.metrics
+                        .xds_pushes
+                        .with_label_values(&[M::type_name(&response)])
+                        .inc();
+                    if let Some(snapshot) = &from_snapshot {
+                        self.metrics
+                            .xds_push_duration
+                            .observe(snapshot.created().elapsed().as_secs_f64());
+                    }
+                    if tx.send(Ok(response)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                if let Some(status) = machine.status() {
+                    self.registry.update(self.id, status);
+                }
+            }
+        }
+        .await;
+
+        if let Err(status) = &result {
+            tracing::info!(stream = self.id, node = machine.client().map(|c| c.node_id.as_str()), error = %status.message(), "xDS stream ended");
+            let _ = tx.send(Err(status.clone())).await;
+        } else {
+            tracing::info!(
+                stream = self.id,
+                node = machine.client().map(|c| c.node_id.as_str()),
+                "xDS client disconnected"
+            );
+        }
+        if let Some((kind, api)) = counted {
+            self.metrics
+                .xds_clients
+                .with_label_values(&[kind, api])
+                .dec();
+        }
+        self.registry.remove(self.id);
+    }
+
+    fn record_nack<M: Machine>(
+        &self,
+        machine: &M,
+        ty: crate::translate::ResourceType,
+        message: &str,
+    ) {
+        self.metrics
+            .xds_nacks
+            .with_label_values(&[ty.short_name()])
+            .inc();
+        let node = machine.client().map_or("", |c| c.node_id.as_str());
+        tracing::warn!(stream = self.id, node, r#type = %ty, "client rejected configuration (NACK): {message}");
+    }
+}
