@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
-use crate::translate::{NodeError, View, client_kind};
+use crate::translate::{NodeError, ResourceType, View, client_kind};
 use snapshot::Snapshot;
 use status::SyncRegistry;
 
@@ -56,6 +56,24 @@ impl ClientInfo {
             kind: client_kind(node),
             view: View::for_node(node)?,
         })
+    }
+}
+
+/// What handling one request produced.
+#[derive(Debug)]
+pub struct Outcome<R> {
+    /// Responses to send, in order.
+    pub responses: Vec<R>,
+    /// A NACK the client sent: type and message.
+    pub nack: Option<(ResourceType, String)>,
+}
+
+impl<R> Outcome<R> {
+    fn new() -> Outcome<R> {
+        Outcome {
+            responses: Vec::new(),
+            nack: None,
+        }
     }
 }
 
@@ -149,13 +167,7 @@ trait Machine: Send + 'static {
         &mut self,
         request: Self::Request,
         snapshot: &Snapshot,
-    ) -> Result<
-        (
-            Vec<Self::Response>,
-            Option<(crate::translate::ResourceType, String)>,
-        ),
-        StreamError,
-    >;
+    ) -> Result<Outcome<Self::Response>, StreamError>;
     fn on_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<Self::Response>, StreamError>;
     fn client(&self) -> Option<&ClientInfo>;
     fn status(&self) -> Option<status::ClientStatus>;
@@ -176,15 +188,8 @@ impl Machine for SotwMachine {
         &mut self,
         request: DiscoveryRequest,
         snapshot: &Snapshot,
-    ) -> Result<
-        (
-            Vec<DiscoveryResponse>,
-            Option<(crate::translate::ResourceType, String)>,
-        ),
-        StreamError,
-    > {
-        let outcome = self.0.on_request(request, snapshot)?;
-        Ok((outcome.responses, outcome.nack))
+    ) -> Result<Outcome<DiscoveryResponse>, StreamError> {
+        self.0.on_request(request, snapshot)
     }
     fn on_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<DiscoveryResponse>, StreamError> {
         self.0.on_snapshot(snapshot)
@@ -209,15 +214,8 @@ impl Machine for DeltaMachine {
         &mut self,
         request: DeltaDiscoveryRequest,
         snapshot: &Snapshot,
-    ) -> Result<
-        (
-            Vec<DeltaDiscoveryResponse>,
-            Option<(crate::translate::ResourceType, String)>,
-        ),
-        StreamError,
-    > {
-        let outcome = self.0.on_request(request, snapshot)?;
-        Ok((outcome.responses, outcome.nack))
+    ) -> Result<Outcome<DeltaDiscoveryResponse>, StreamError> {
+        self.0.on_request(request, snapshot)
     }
     fn on_snapshot(
         &mut self,
@@ -258,11 +256,11 @@ impl StreamContext {
                         let Some(request) = message? else { return Ok(()) };
                         let snapshot = self.snapshots.borrow_and_update().clone();
                         match machine.on_request(request, &snapshot) {
-                            Ok((responses, nack)) => {
-                                if let Some((ty, message)) = nack {
-                                    self.record_nack(&machine, ty, &message);
+                            Ok(outcome) => {
+                                if let Some((ty, message)) = &outcome.nack {
+                                    self.record_nack(&machine, *ty, message);
                                 }
-                                (responses, None)
+                                (outcome.responses, None)
                             }
                             Err(StreamError::UnknownType(url)) => {
                                 tracing::warn!(stream = self.id, type_url = url, "request for a type this server does not serve, ignored");
@@ -331,12 +329,7 @@ impl StreamContext {
         self.registry.remove(self.id);
     }
 
-    fn record_nack<M: Machine>(
-        &self,
-        machine: &M,
-        ty: crate::translate::ResourceType,
-        message: &str,
-    ) {
+    fn record_nack<M: Machine>(&self, machine: &M, ty: ResourceType, message: &str) {
         self.metrics
             .xds_nacks
             .with_label_values(&[ty.short_name()])

@@ -15,7 +15,7 @@ use remora_xds_proto::pb::envoy::service::discovery::v3::{
 };
 
 use super::status::{ClientStatus, Nack, TypeStatus, unix_now};
-use super::{ClientInfo, StreamError};
+use super::{ClientInfo, Outcome, StreamError};
 use crate::translate::{ResourceType, Resources};
 use crate::xds::snapshot::Snapshot;
 
@@ -42,15 +42,6 @@ struct TypeState {
     /// Nonce -> the type version that response brought the client to.
     pending: BTreeMap<u64, String>,
     status: TypeStatus,
-}
-
-/// What handling a request produced.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    /// Responses to send, in order.
-    pub responses: Vec<DeltaDiscoveryResponse>,
-    /// A NACK the client sent: type and message.
-    pub nack: Option<(ResourceType, String)>,
 }
 
 impl Default for DeltaStream {
@@ -80,7 +71,7 @@ impl DeltaStream {
         &mut self,
         request: DeltaDiscoveryRequest,
         snapshot: &Snapshot,
-    ) -> Result<Outcome, StreamError> {
+    ) -> Result<Outcome<DeltaDiscoveryResponse>, StreamError> {
         if self.client.is_none() {
             self.client = Some(ClientInfo::from_node(request.node.as_ref())?);
         }
@@ -89,7 +80,7 @@ impl DeltaStream {
         };
         let first = !self.types.contains_key(&ty);
         let state = self.types.entry(ty).or_default();
-        let mut outcome = Outcome::default();
+        let mut outcome = Outcome::new();
 
         if first {
             state.held = request.initial_resource_versions.into_iter().collect();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use remora_xds_proto::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
 use super::status::{ClientStatus, Nack, TypeStatus, unix_now};
-use super::{ClientInfo, StreamError};
+use super::{ClientInfo, Outcome, StreamError};
 use crate::translate::{ResourceType, Resources};
 use crate::xds::snapshot::Snapshot;
 
@@ -36,15 +36,6 @@ pub struct SotwStream {
 struct TypeState {
     names: BTreeSet<String>,
     status: TypeStatus,
-}
-
-/// What handling a request produced.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    /// Responses to send, in order.
-    pub responses: Vec<DiscoveryResponse>,
-    /// A NACK the client sent: type and message.
-    pub nack: Option<(ResourceType, String)>,
 }
 
 impl Default for SotwStream {
@@ -74,7 +65,7 @@ impl SotwStream {
         &mut self,
         request: DiscoveryRequest,
         snapshot: &Snapshot,
-    ) -> Result<Outcome, StreamError> {
+    ) -> Result<Outcome<DiscoveryResponse>, StreamError> {
         if self.client.is_none() {
             self.client = Some(ClientInfo::from_node(request.node.as_ref())?);
         }
@@ -83,7 +74,7 @@ impl SotwStream {
         };
         let first = !self.types.contains_key(&ty);
         let state = self.types.entry(ty).or_default();
-        let mut outcome = Outcome::default();
+        let mut outcome = Outcome::new();
 
         if !request.response_nonce.is_empty()
             && state.status.sent_nonce.as_deref() != Some(request.response_nonce.as_str())
