@@ -746,7 +746,7 @@ fn validate_service(
             }
         }
         for port in &service.ports {
-            if !addresses.insert((endpoint.address, endpoint.port_for(port))) {
+            if !addresses.insert((port.port, endpoint.address, endpoint.port_for(port))) {
                 errors.push(ModelError::new(
                     p.key("address"),
                     format!(
