@@ -11,6 +11,7 @@ pub mod snapshot;
 pub mod sotw;
 pub mod status;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
-use crate::translate::{NodeError, ResourceType, View, client_kind};
+use crate::translate::{NodeError, ResourceType, Resources, View, client_kind};
 use snapshot::Snapshot;
 use status::SyncRegistry;
 
@@ -140,7 +141,7 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let cx = self.stream_context();
-        tokio::spawn(cx.run(request.into_inner(), tx, SotwMachine::default()));
+        tokio::spawn(cx.run(request.into_inner(), tx, sotw::SotwStream::default()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -150,87 +151,94 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let cx = self.stream_context();
-        tokio::spawn(cx.run(request.into_inner(), tx, DeltaMachine::default()));
+        tokio::spawn(cx.run(request.into_inner(), tx, delta::DeltaStream::default()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
 // === Stream task ===
 
-/// What the stream task needs from a protocol state machine.
-trait Machine: Send + 'static {
+/// A protocol state machine, as the stream task drives it.
+pub trait StreamMachine: Send + 'static {
+    /// What the client sends.
     type Request: Send + 'static;
+    /// What the server sends.
     type Response: Send + 'static;
+    /// `sotw` or `delta`, for metrics and the sync status.
     const API: &'static str;
 
+    /// Handles one request against the current snapshot.
     fn on_request(
         &mut self,
         request: Self::Request,
         snapshot: &Snapshot,
     ) -> Result<Outcome<Self::Response>, StreamError>;
+    /// Sends what changed in `snapshot`, type by type in push order.
     fn on_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<Self::Response>, StreamError>;
-    fn client(&self) -> Option<&ClientInfo>;
-    fn status(&self) -> Option<status::ClientStatus>;
+    /// What every stream keeps.
+    fn core(&self) -> &StreamCore;
+    /// Per-type status, for `/debug/syncz`.
+    fn type_statuses(&self) -> BTreeMap<&'static str, status::TypeStatus>;
+    /// `CDS`, `EDS`, ... of a response.
     fn type_name(response: &Self::Response) -> &'static str;
-}
 
-#[derive(Default)]
-struct SotwMachine(sotw::SotwStream);
-#[derive(Default)]
-struct DeltaMachine(delta::DeltaStream);
-
-impl Machine for SotwMachine {
-    type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
-    const API: &'static str = "sotw";
-
-    fn on_request(
-        &mut self,
-        request: DiscoveryRequest,
-        snapshot: &Snapshot,
-    ) -> Result<Outcome<DiscoveryResponse>, StreamError> {
-        self.0.on_request(request, snapshot)
-    }
-    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<DiscoveryResponse>, StreamError> {
-        self.0.on_snapshot(snapshot)
-    }
+    /// The client, once its first request named it.
     fn client(&self) -> Option<&ClientInfo> {
-        self.0.client()
+        self.core().client.as_ref()
     }
+
+    /// The stream's status, once the client is known.
     fn status(&self) -> Option<status::ClientStatus> {
-        self.0.status()
-    }
-    fn type_name(response: &DiscoveryResponse) -> &'static str {
-        remora_xds_proto::type_url::short_name(&response.type_url)
+        let core = self.core();
+        let client = core.client.as_ref()?;
+        Some(status::ClientStatus {
+            node_id: client.node_id.clone(),
+            node_cluster: client.node_cluster.clone(),
+            kind: client.kind,
+            api: Self::API,
+            connected_at: core.connected_at,
+            types: self.type_statuses(),
+        })
     }
 }
 
-impl Machine for DeltaMachine {
-    type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
-    const API: &'static str = "delta";
+/// What both protocols keep per stream: who the client is and the nonce
+/// counter.
+#[derive(Debug)]
+pub struct StreamCore {
+    client: Option<ClientInfo>,
+    last_nonce: u64,
+    connected_at: u64,
+}
 
-    fn on_request(
-        &mut self,
-        request: DeltaDiscoveryRequest,
-        snapshot: &Snapshot,
-    ) -> Result<Outcome<DeltaDiscoveryResponse>, StreamError> {
-        self.0.on_request(request, snapshot)
+impl Default for StreamCore {
+    fn default() -> Self {
+        StreamCore {
+            client: None,
+            last_nonce: 0,
+            connected_at: status::unix_now(),
+        }
     }
-    fn on_snapshot(
-        &mut self,
-        snapshot: &Snapshot,
-    ) -> Result<Vec<DeltaDiscoveryResponse>, StreamError> {
-        self.0.on_snapshot(snapshot)
+}
+
+impl StreamCore {
+    /// Learns the client from the first request's node.
+    fn identify(&mut self, node: Option<&Node>) -> Result<(), StreamError> {
+        if self.client.is_none() {
+            self.client = Some(ClientInfo::from_node(node)?);
+        }
+        Ok(())
     }
-    fn client(&self) -> Option<&ClientInfo> {
-        self.0.client()
+
+    /// The client's view of `snapshot`.
+    fn view(&self, snapshot: &Snapshot) -> Result<Arc<Resources>, StreamError> {
+        let client = self.client.as_ref().ok_or(StreamError::NoNode)?;
+        Ok(snapshot.view(&client.view))
     }
-    fn status(&self) -> Option<status::ClientStatus> {
-        self.0.status()
-    }
-    fn type_name(response: &DeltaDiscoveryResponse) -> &'static str {
-        remora_xds_proto::type_url::short_name(&response.type_url)
+
+    fn next_nonce(&mut self) -> u64 {
+        self.last_nonce += 1;
+        self.last_nonce
     }
 }
 
@@ -242,7 +250,7 @@ struct StreamContext {
 }
 
 impl StreamContext {
-    async fn run<M: Machine>(
+    async fn run<M: StreamMachine>(
         mut self,
         mut inbound: Streaming<M::Request>,
         tx: mpsc::Sender<Result<M::Response, Status>>,
@@ -329,7 +337,7 @@ impl StreamContext {
         self.registry.remove(self.id);
     }
 
-    fn record_nack<M: Machine>(&self, machine: &M, ty: ResourceType, message: &str) {
+    fn record_nack<M: StreamMachine>(&self, machine: &M, ty: ResourceType, message: &str) {
         self.metrics
             .xds_nacks
             .with_label_values(&[ty.short_name()])

@@ -8,14 +8,13 @@
 //! is not re-sent in a loop; the next change to it is.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 
 use remora_xds_proto::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as PbResource,
 };
 
-use super::status::{ClientStatus, Nack, TypeStatus, unix_now};
-use super::{ClientInfo, Outcome, StreamError};
+use super::status::{Nack, TypeStatus, unix_now};
+use super::{Outcome, StreamCore, StreamError, StreamMachine};
 use crate::translate::{ResourceType, Resources};
 use crate::xds::snapshot::Snapshot;
 
@@ -23,12 +22,10 @@ use crate::xds::snapshot::Snapshot;
 const MAX_PENDING: usize = 16;
 
 /// One delta stream.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct DeltaStream {
-    client: Option<ClientInfo>,
+    core: StreamCore,
     types: BTreeMap<ResourceType, TypeState>,
-    next_nonce: u64,
-    connected_at: u64,
 }
 
 #[derive(Debug, Default)]
@@ -44,37 +41,18 @@ struct TypeState {
     status: TypeStatus,
 }
 
-impl Default for DeltaStream {
-    fn default() -> Self {
-        DeltaStream::new()
-    }
-}
-
-impl DeltaStream {
-    /// A stream that has seen nothing yet.
-    pub fn new() -> DeltaStream {
-        DeltaStream {
-            client: None,
-            types: BTreeMap::new(),
-            next_nonce: 0,
-            connected_at: unix_now(),
-        }
-    }
-
-    /// The client, once its first request named it.
-    pub fn client(&self) -> Option<&ClientInfo> {
-        self.client.as_ref()
-    }
+impl StreamMachine for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const API: &'static str = "delta";
 
     /// Handles one request against the current snapshot.
-    pub fn on_request(
+    fn on_request(
         &mut self,
         request: DeltaDiscoveryRequest,
         snapshot: &Snapshot,
     ) -> Result<Outcome<DeltaDiscoveryResponse>, StreamError> {
-        if self.client.is_none() {
-            self.client = Some(ClientInfo::from_node(request.node.as_ref())?);
-        }
+        self.core.identify(request.node.as_ref())?;
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
             return Err(StreamError::UnknownType(request.type_url));
         };
@@ -129,7 +107,7 @@ impl DeltaStream {
         }
         state.status.subscribed = state.names.len();
 
-        let view = self.view(snapshot)?;
+        let view = self.core.view(snapshot)?;
         if let Some(response) = self.diff(ty, &view, first) {
             outcome.responses.push(response);
         }
@@ -137,14 +115,14 @@ impl DeltaStream {
     }
 
     /// Sends what changed in `snapshot`, type by type in push order.
-    pub fn on_snapshot(
+    fn on_snapshot(
         &mut self,
         snapshot: &Snapshot,
     ) -> Result<Vec<DeltaDiscoveryResponse>, StreamError> {
-        if self.client.is_none() {
+        if self.core.client.is_none() {
             return Ok(Vec::new());
         }
-        let view = self.view(snapshot)?;
+        let view = self.core.view(snapshot)?;
         let types: Vec<ResourceType> = self.types.keys().copied().collect();
         Ok(types
             .into_iter()
@@ -152,28 +130,23 @@ impl DeltaStream {
             .collect())
     }
 
-    /// The stream's status for `/debug/syncz`.
-    pub fn status(&self) -> Option<ClientStatus> {
-        let client = self.client.as_ref()?;
-        Some(ClientStatus {
-            node_id: client.node_id.clone(),
-            node_cluster: client.node_cluster.clone(),
-            kind: client.kind,
-            api: "delta",
-            connected_at: self.connected_at,
-            types: self
-                .types
-                .iter()
-                .map(|(ty, state)| (ty.short_name(), state.status.clone()))
-                .collect(),
-        })
+    fn core(&self) -> &StreamCore {
+        &self.core
     }
 
-    fn view(&self, snapshot: &Snapshot) -> Result<Arc<Resources>, StreamError> {
-        let client = self.client.as_ref().ok_or(StreamError::NoNode)?;
-        Ok(snapshot.view(&client.view))
+    fn type_statuses(&self) -> BTreeMap<&'static str, TypeStatus> {
+        self.types
+            .iter()
+            .map(|(ty, state)| (ty.short_name(), state.status.clone()))
+            .collect()
     }
 
+    fn type_name(response: &DeltaDiscoveryResponse) -> &'static str {
+        remora_xds_proto::type_url::short_name(&response.type_url)
+    }
+}
+
+impl DeltaStream {
     /// The response that brings the client from what it holds to `view`,
     /// or `None` when it already holds it (unless `always`: the first
     /// request of a type is always answered, so the client stops waiting).
@@ -219,8 +192,7 @@ impl DeltaStream {
         for name in &removed {
             state.held.remove(name);
         }
-        self.next_nonce += 1;
-        let nonce = self.next_nonce;
+        let nonce = self.core.next_nonce();
         state.pending.insert(nonce, of_type.version.clone());
         // A client that never answers must not grow this without bound.
         while state.pending.len() > MAX_PENDING {
@@ -246,6 +218,7 @@ mod tests {
     use crate::model::{Mesh, Protocol, Service};
     use remora_xds_proto::pb::envoy::config::core::v3::Node;
     use remora_xds_proto::pb::google::rpc::Status as RpcStatus;
+    use std::sync::Arc;
 
     fn snapshot(services: Vec<Service>) -> Snapshot {
         Snapshot::new(
@@ -289,7 +262,7 @@ mod tests {
 
     #[test]
     fn wildcard_first_request_gets_everything_then_only_changes() {
-        let mut s = DeltaStream::new();
+        let mut s = DeltaStream::default();
         let out = s
             .on_request(
                 request(ResourceType::Cluster, &[], &[], ""),
@@ -328,7 +301,7 @@ mod tests {
     #[test]
     fn initial_versions_on_reconnect_skip_what_the_client_already_has() {
         let snap = snapshot(two());
-        let mut first = DeltaStream::new();
+        let mut first = DeltaStream::default();
         let r = first
             .on_request(request(ResourceType::Cluster, &[], &[], ""), &snap)
             .expect("ok")
@@ -342,7 +315,7 @@ mod tests {
             .version
             .clone();
 
-        let mut s = DeltaStream::new();
+        let mut s = DeltaStream::default();
         let mut req = request(ResourceType::Cluster, &[], &[], "");
         req.initial_resource_versions = [
             (WEB.to_string(), web_version),
@@ -357,7 +330,7 @@ mod tests {
     #[test]
     fn named_subscriptions_unsubscribe_and_missing_names() {
         let snap = snapshot(two());
-        let mut s = DeltaStream::new();
+        let mut s = DeltaStream::default();
         let out = s
             .on_request(
                 request(ResourceType::Endpoint, &[WEB, "nope"], &[], ""),
@@ -390,7 +363,7 @@ mod tests {
     #[test]
     fn a_nack_is_recorded_and_not_answered_with_the_same_resources() {
         let snap = snapshot(two());
-        let mut s = DeltaStream::new();
+        let mut s = DeltaStream::default();
         let r = s
             .on_request(request(ResourceType::Cluster, &[], &[], ""), &snap)
             .expect("ok")
@@ -413,7 +386,7 @@ mod tests {
 
     #[test]
     fn an_empty_wildcard_type_is_still_answered() {
-        let mut s = DeltaStream::new();
+        let mut s = DeltaStream::default();
         let out = s
             .on_request(
                 request(ResourceType::Listener, &[], &[], ""),

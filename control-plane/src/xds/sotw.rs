@@ -14,22 +14,19 @@
 //!   again until something changes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use remora_xds_proto::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::status::{ClientStatus, Nack, TypeStatus, unix_now};
-use super::{ClientInfo, Outcome, StreamError};
+use super::status::{Nack, TypeStatus, unix_now};
+use super::{Outcome, StreamCore, StreamError, StreamMachine};
 use crate::translate::{ResourceType, Resources};
 use crate::xds::snapshot::Snapshot;
 
 /// One SotW stream.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct SotwStream {
-    client: Option<ClientInfo>,
+    core: StreamCore,
     types: BTreeMap<ResourceType, TypeState>,
-    next_nonce: u64,
-    connected_at: u64,
 }
 
 #[derive(Debug, Default)]
@@ -38,37 +35,18 @@ struct TypeState {
     status: TypeStatus,
 }
 
-impl Default for SotwStream {
-    fn default() -> Self {
-        SotwStream::new()
-    }
-}
-
-impl SotwStream {
-    /// A stream that has seen nothing yet.
-    pub fn new() -> SotwStream {
-        SotwStream {
-            client: None,
-            types: BTreeMap::new(),
-            next_nonce: 0,
-            connected_at: unix_now(),
-        }
-    }
-
-    /// The client, once its first request named it.
-    pub fn client(&self) -> Option<&ClientInfo> {
-        self.client.as_ref()
-    }
+impl StreamMachine for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const API: &'static str = "sotw";
 
     /// Handles one request against the current snapshot.
-    pub fn on_request(
+    fn on_request(
         &mut self,
         request: DiscoveryRequest,
         snapshot: &Snapshot,
     ) -> Result<Outcome<DiscoveryResponse>, StreamError> {
-        if self.client.is_none() {
-            self.client = Some(ClientInfo::from_node(request.node.as_ref())?);
-        }
+        self.core.identify(request.node.as_ref())?;
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
             return Err(StreamError::UnknownType(request.type_url));
         };
@@ -104,7 +82,7 @@ impl SotwStream {
         state.status.wildcard = wildcard;
         state.status.subscribed = if wildcard { 0 } else { state.names.len() };
         if changed {
-            let view = self.view(snapshot)?;
+            let view = self.core.view(snapshot)?;
             let response = self.respond(ty, &view);
             outcome.responses.push(response);
         }
@@ -112,14 +90,11 @@ impl SotwStream {
     }
 
     /// Sends every subscribed type whose content changed in `snapshot`.
-    pub fn on_snapshot(
-        &mut self,
-        snapshot: &Snapshot,
-    ) -> Result<Vec<DiscoveryResponse>, StreamError> {
-        if self.client.is_none() {
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<DiscoveryResponse>, StreamError> {
+        if self.core.client.is_none() {
             return Ok(Vec::new());
         }
-        let view = self.view(snapshot)?;
+        let view = self.core.view(snapshot)?;
         let due: Vec<ResourceType> = self
             .types
             .iter()
@@ -131,31 +106,25 @@ impl SotwStream {
         Ok(due.into_iter().map(|ty| self.respond(ty, &view)).collect())
     }
 
-    /// The stream's status for `/debug/syncz`.
-    pub fn status(&self) -> Option<ClientStatus> {
-        let client = self.client.as_ref()?;
-        Some(ClientStatus {
-            node_id: client.node_id.clone(),
-            node_cluster: client.node_cluster.clone(),
-            kind: client.kind,
-            api: "sotw",
-            connected_at: self.connected_at,
-            types: self
-                .types
-                .iter()
-                .map(|(ty, state)| (ty.short_name(), state.status.clone()))
-                .collect(),
-        })
+    fn core(&self) -> &StreamCore {
+        &self.core
     }
 
-    fn view(&self, snapshot: &Snapshot) -> Result<Arc<Resources>, StreamError> {
-        let client = self.client.as_ref().ok_or(StreamError::NoNode)?;
-        Ok(snapshot.view(&client.view))
+    fn type_statuses(&self) -> BTreeMap<&'static str, TypeStatus> {
+        self.types
+            .iter()
+            .map(|(ty, state)| (ty.short_name(), state.status.clone()))
+            .collect()
     }
 
+    fn type_name(response: &DiscoveryResponse) -> &'static str {
+        remora_xds_proto::type_url::short_name(&response.type_url)
+    }
+}
+
+impl SotwStream {
     fn respond(&mut self, ty: ResourceType, view: &Resources) -> DiscoveryResponse {
-        self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
+        let nonce = self.core.next_nonce().to_string();
         let of_type = view.of(ty);
         let state = self.types.entry(ty).or_default();
         let resources = if state.status.wildcard {
@@ -187,6 +156,7 @@ mod tests {
     use crate::model::{Mesh, Protocol};
     use remora_xds_proto::pb::envoy::config::core::v3::Node;
     use remora_xds_proto::pb::google::rpc::Status as RpcStatus;
+    use std::sync::Arc;
 
     fn snapshot(endpoint_port: u16) -> Snapshot {
         let mut web = service("web", 80, Protocol::Http);
@@ -225,7 +195,7 @@ mod tests {
     #[test]
     fn first_request_is_answered_and_an_ack_is_recorded_without_a_response() {
         let snap = snapshot(9000);
-        let mut s = SotwStream::new();
+        let mut s = SotwStream::default();
         let out = s
             .on_request(request(ResourceType::Cluster, &[], "", ""), &snap)
             .expect("ok");
@@ -252,7 +222,7 @@ mod tests {
     #[test]
     fn a_nack_is_recorded_and_the_rejected_version_is_not_sent_again() {
         let snap = snapshot(9000);
-        let mut s = SotwStream::new();
+        let mut s = SotwStream::default();
         let r = s
             .on_request(request(ResourceType::Cluster, &[], "", ""), &snap)
             .expect("ok")
@@ -293,7 +263,7 @@ mod tests {
     #[test]
     fn stale_nonces_are_ignored_even_with_new_names() {
         let snap = snapshot(9000);
-        let mut s = SotwStream::new();
+        let mut s = SotwStream::default();
         let first = s
             .on_request(request(ResourceType::Endpoint, &[CLUSTER], "", ""), &snap)
             .expect("ok");
@@ -312,7 +282,7 @@ mod tests {
     #[test]
     fn changed_names_are_answered_even_with_an_empty_nonce() {
         let snap = snapshot(9000);
-        let mut s = SotwStream::new();
+        let mut s = SotwStream::default();
         let r = s
             .on_request(request(ResourceType::Endpoint, &[CLUSTER], "", ""), &snap)
             .expect("ok")
@@ -369,7 +339,7 @@ mod tests {
     #[test]
     fn mesh_changes_push_changed_types_in_make_before_break_order() {
         let snap = snapshot(9000);
-        let mut s = SotwStream::new();
+        let mut s = SotwStream::default();
         for ty in [
             ResourceType::Route,
             ResourceType::Listener,
@@ -413,13 +383,13 @@ mod tests {
     #[test]
     fn a_reconnect_with_a_known_version_gets_the_current_state() {
         let snap = snapshot(9000);
-        let mut old = SotwStream::new();
+        let mut old = SotwStream::default();
         let r = old
             .on_request(request(ResourceType::Cluster, &[], "", ""), &snap)
             .expect("ok")
             .responses
             .remove(0);
-        let mut s = SotwStream::new();
+        let mut s = SotwStream::default();
         let out = s
             .on_request(
                 request(ResourceType::Cluster, &[], &r.version_info, ""),
@@ -435,7 +405,7 @@ mod tests {
 
     #[test]
     fn the_first_request_must_name_the_node() {
-        let mut s = SotwStream::new();
+        let mut s = SotwStream::default();
         let mut req = request(ResourceType::Cluster, &[], "", "");
         req.node = None;
         assert!(matches!(
