@@ -245,8 +245,11 @@ pub struct Endpoint {
     pub ports: BTreeMap<String, u16>,
     /// Relative share of traffic.
     pub weight: NonZeroU32,
-    /// The workload identity the instance runs as.
-    pub identity: Identity,
+    /// The workload identity the instance runs as. `Some` means the
+    /// instance has a sidecar: proxies reach it over the mesh protocol
+    /// (HTTP/2, mutual TLS once identity lands) and check this identity.
+    /// `None`: no sidecar; proxies speak the application's protocol to it.
+    pub identity: Option<Identity>,
     /// Free-form labels, matched by subsets.
     pub labels: BTreeMap<String, String>,
     /// Health as the source knows it.
@@ -955,10 +958,10 @@ pub(crate) mod fixtures {
             port: Some(port),
             ports: BTreeMap::new(),
             weight: NonZeroU32::MIN,
-            identity: Identity {
+            identity: Some(Identity {
                 namespace: "default".into(),
                 service_account: "default".into(),
-            },
+            }),
             labels: BTreeMap::new(),
             health: Health::Healthy,
             zone: None,

@@ -48,7 +48,9 @@ pub mod type_url {
 pub mod metadata {
     /// The filter-metadata namespace.
     pub const NAMESPACE: &str = "remora";
-    /// The endpoint's SPIFFE identity, a string.
+    /// The endpoint's SPIFFE identity, a string. Present only for
+    /// endpoints that have a sidecar: proxies reach those over the mesh
+    /// protocol; endpoints without it are reached in their own protocol.
     pub const IDENTITY: &str = "identity";
 }
 

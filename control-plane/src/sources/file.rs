@@ -850,21 +850,17 @@ impl Convert {
                 }
             },
         };
-        let identity = raw.identity.unwrap_or(RawIdentity {
-            namespace: None,
-            service_account: None,
-        });
         Endpoint {
             address,
             port,
             ports,
             weight,
-            identity: Identity {
+            identity: raw.identity.map(|identity| Identity {
                 namespace: identity.namespace.unwrap_or_else(|| namespace.to_string()),
                 service_account: identity
                     .service_account
                     .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_string()),
-            },
+            }),
             labels: raw.labels,
             health: match raw.health {
                 None | Some(RawHealth::Healthy) => Health::Healthy,

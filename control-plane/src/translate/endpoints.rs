@@ -65,13 +65,22 @@ fn lb_endpoint(mesh: &Mesh, endpoint: &Endpoint, port: &ServicePort) -> LbEndpoi
         Health::Unhealthy => HealthStatus::Unhealthy,
         Health::Draining => HealthStatus::Draining,
     };
-    let identity = Struct {
-        fields: [(
-            metadata::IDENTITY.to_string(),
-            string_value(endpoint.identity.spiffe_id(mesh.trust_domain())),
+    // Only endpoints with a sidecar carry an identity. Maps here hold one
+    // entry each, so their encoding (and the content hash) is stable.
+    let metadata = endpoint.identity.as_ref().map(|identity| Metadata {
+        filter_metadata: [(
+            metadata::NAMESPACE.to_string(),
+            Struct {
+                fields: [(
+                    metadata::IDENTITY.to_string(),
+                    string_value(identity.spiffe_id(mesh.trust_domain())),
+                )]
+                .into(),
+            },
         )]
         .into(),
-    };
+        ..Default::default()
+    });
     LbEndpoint {
         host_identifier: Some(HostIdentifier::Endpoint(PbEndpoint {
             address: Some(Address {
@@ -89,9 +98,6 @@ fn lb_endpoint(mesh: &Mesh, endpoint: &Endpoint, port: &ServicePort) -> LbEndpoi
         load_balancing_weight: Some(UInt32Value {
             value: endpoint.weight.get(),
         }),
-        metadata: Some(Metadata {
-            filter_metadata: [(metadata::NAMESPACE.to_string(), identity)].into(),
-            ..Default::default()
-        }),
+        metadata,
     }
 }

@@ -140,6 +140,22 @@ fn one_cluster_per_port_and_subset_with_matching_endpoints() {
         ))
     );
 
+    let mut services = mesh().services().to_vec();
+    services[1].endpoints[1].identity = None;
+    let no_sidecar = translate(
+        &Mesh::new("cluster.local".into(), services).expect("valid"),
+        &sidecar(),
+    );
+    let v2: ClusterLoadAssignment = decode(
+        &no_sidecar,
+        ResourceType::Endpoint,
+        "outbound|8080|v2|api.default.svc.cluster.local",
+    );
+    assert_eq!(
+        v2.endpoints[0].lb_endpoints[0].metadata, None,
+        "no sidecar, no identity"
+    );
+
     let all: ClusterLoadAssignment = decode(
         &r,
         ResourceType::Endpoint,

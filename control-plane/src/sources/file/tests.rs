@@ -33,7 +33,8 @@ fn the_example_parses() {
     let frontend = mesh.service(&key("frontend")).expect("frontend");
     assert!(frontend.routes.is_empty());
     assert_eq!(frontend.ports[0].port, 80);
-    assert_eq!(frontend.endpoints[0].identity.namespace, "shop");
+    let identity = frontend.endpoints[0].identity.as_ref().expect("declared");
+    assert_eq!(identity.namespace, "shop", "defaults to the service's");
 
     let catalog = mesh.service(&key("catalog")).expect("catalog");
     assert_eq!(catalog.load_balancer, LoadBalancer::LeastRequest);
@@ -112,13 +113,7 @@ services:
     assert_eq!(e.address, "fd00::1".parse::<IpAddr>().expect("ip"));
     assert_eq!(e.weight, NonZeroU32::MIN);
     assert_eq!(e.health, Health::Healthy);
-    assert_eq!(
-        e.identity,
-        Identity {
-            namespace: "default".into(),
-            service_account: "default".into()
-        }
-    );
+    assert_eq!(e.identity, None, "no identity given: no sidecar");
     let route = &web.routes[0];
     assert_eq!(route.name, "route-0");
     assert_eq!(route.matches, RouteMatch::default());
