@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod metrics;
 pub mod model;
+pub mod server;
 pub mod sources;
 pub mod translate;
 pub mod xds;
