@@ -55,6 +55,7 @@ pub fn main(args: Args) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let mesh = match file::load(&args.config) {
@@ -118,12 +119,16 @@ async fn run(args: Args, mesh: Mesh) -> anyhow::Result<()> {
     let admin = Arc::new(Admin::new(metrics.clone(), registry.clone()));
     tokio::spawn(admin.clone().serve(monitoring_listener));
 
-    let ads = AdsServer::new(snapshots, metrics, registry).into_service();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ads = AdsServer::new(snapshots, stop_rx, metrics, registry).into_service();
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(ads)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(xds_listener), shutdown_signal());
+        .serve_with_incoming_shutdown(TcpListenerStream::new(xds_listener), async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
     admin.set_ready();
     tracing::info!(%xds_addr, %monitoring_addr, config = %args.config.display(), "remora-control-plane serving");
     if let Some(path) = &args.address_file {

@@ -95,20 +95,25 @@ pub enum StreamError {
 /// The ADS gRPC service.
 pub struct AdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    stop: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     registry: Arc<SyncRegistry>,
     next_stream: AtomicU64,
 }
 
 impl AdsServer {
-    /// A server of the snapshots `snapshots` publishes.
+    /// A server of the snapshots `snapshots` publishes. When `stop` turns
+    /// true every stream ends with UNAVAILABLE, so clients reconnect (to
+    /// another replica) instead of holding shutdown up.
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
+        stop: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
         registry: Arc<SyncRegistry>,
     ) -> AdsServer {
         AdsServer {
             snapshots,
+            stop,
             metrics,
             registry,
             next_stream: AtomicU64::new(1),
@@ -124,6 +129,7 @@ impl AdsServer {
         StreamContext {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
             snapshots: self.snapshots.clone(),
+            stop: self.stop.clone(),
             metrics: self.metrics.clone(),
             registry: self.registry.clone(),
         }
@@ -245,6 +251,7 @@ impl StreamCore {
 struct StreamContext {
     id: u64,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    stop: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     registry: Arc<SyncRegistry>,
 }
@@ -288,6 +295,9 @@ impl StreamContext {
                         (responses, Some(snapshot))
                     }
                     () = tx.closed() => return Ok(()),
+                    () = async { let _ = self.stop.wait_for(|stop| *stop).await; } => {
+                        return Err(Status::unavailable("control plane shutting down"));
+                    }
                 };
                 if counted.is_none()
                     && let Some(client) = machine.client()

@@ -1,0 +1,135 @@
+//! What the proxy is told at startup: flags and environment variables
+//! (every one is listed in `docs/proxy.md`), and the node descriptor it
+//! presents to the control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use remora_xds_proto::pb::envoy::config::core::v3::Node;
+use remora_xds_proto::pb::google::protobuf::{Struct, Value, value::Kind};
+use serde::Serialize;
+
+use crate::config::AppProtocol;
+
+/// remora-proxy: the Remora sidecar.
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(version, about)]
+pub struct Bootstrap {
+    /// Node id presented to the control plane. Default: `<service>-<pid>`.
+    #[arg(long, env = "REMORA_NODE_ID")]
+    pub node_id: Option<String>,
+    /// The local service's name (node cluster; label of inbound metrics).
+    #[arg(long, env = "REMORA_SERVICE", default_value = "unknown")]
+    pub service: String,
+    /// Namespace of the workload identity.
+    #[arg(long, env = "REMORA_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Service account of the workload identity.
+    #[arg(long, env = "REMORA_SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    /// The control plane's xDS address (host:port).
+    #[arg(long, env = "REMORA_CONTROL_PLANE", default_value = "127.0.0.1:15010")]
+    pub control_plane: String,
+    /// Outbound listener: where the application sends its requests.
+    #[arg(long, env = "REMORA_OUTBOUND_ADDR", default_value = "127.0.0.1:15001")]
+    pub outbound_addr: SocketAddr,
+    /// Inbound listener: where peer sidecars send requests for the
+    /// application.
+    #[arg(long, env = "REMORA_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
+    pub inbound_addr: SocketAddr,
+    /// Admin listener (/metrics, /ready, /live, /config_dump, /logging).
+    #[arg(long, env = "REMORA_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
+    pub admin_addr: SocketAddr,
+    /// The local application's address, where inbound requests go. Without
+    /// it the inbound listener is not started (a client-only workload).
+    #[arg(long, env = "REMORA_APP_ADDR")]
+    pub app_addr: Option<SocketAddr>,
+    /// What the application speaks when a peer does not say.
+    #[arg(long, env = "REMORA_APP_PROTOCOL", value_enum, default_value = "http1")]
+    pub app_protocol: AppProtocolArg,
+    /// Worker threads; 0 means one per core.
+    #[arg(long, env = "REMORA_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+    /// Seconds to let in-flight requests finish after SIGTERM.
+    #[arg(long, env = "REMORA_DRAIN_SECONDS", default_value_t = 10)]
+    pub drain_seconds: u64,
+    /// Once listening, write the bound addresses here as JSON
+    /// (`{"outbound": ..., "inbound": ..., "admin": ...}`), for port 0.
+    #[arg(long)]
+    pub address_file: Option<PathBuf>,
+    /// Log filter (tracing-subscriber syntax); changeable at runtime
+    /// through `/logging?level=`.
+    #[arg(long, env = "REMORA_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// `--app-protocol` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocolArg {
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c, gRPC).
+    Http2,
+}
+
+impl From<AppProtocolArg> for AppProtocol {
+    fn from(a: AppProtocolArg) -> AppProtocol {
+        match a {
+            AppProtocolArg::Http1 => AppProtocol::Http1,
+            AppProtocolArg::Http2 => AppProtocol::Http2,
+        }
+    }
+}
+
+/// Node metadata keys the control plane reads.
+const META_OUTBOUND_LISTENER: &str = "REMORA_OUTBOUND_LISTENER";
+const META_NAMESPACE: &str = "NAMESPACE";
+const META_SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+
+impl Bootstrap {
+    /// The node id, defaulted.
+    pub fn node_id(&self) -> String {
+        self.node_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", self.service, std::process::id()))
+    }
+
+    /// The node descriptor sent on the xDS stream. `outbound` is the bound
+    /// outbound address.
+    pub fn node(&self, outbound: SocketAddr) -> Node {
+        let string = |s: String| Value {
+            kind: Some(Kind::StringValue(s)),
+        };
+        Node {
+            id: self.node_id(),
+            cluster: self.service.clone(),
+            user_agent_name: "remora-proxy".to_string(),
+            metadata: Some(Struct {
+                fields: [
+                    (
+                        META_OUTBOUND_LISTENER.to_string(),
+                        string(outbound.to_string()),
+                    ),
+                    (META_NAMESPACE.to_string(), string(self.namespace.clone())),
+                    (
+                        META_SERVICE_ACCOUNT.to_string(),
+                        string(self.service_account.clone()),
+                    ),
+                ]
+                .into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The control plane as a URI.
+    pub fn control_plane_uri(&self) -> String {
+        if self.control_plane.contains("://") {
+            self.control_plane.clone()
+        } else {
+            format!("http://{}", self.control_plane)
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Listeners: only the explicit `outbound` listener matters, for the name of
+//! its route table. The others (`0.0.0.0_PORT`, `VIP_PORT`) serve
+//! transparent interception, which comes later: they are accepted and
+//! ignored.
+
+use remora_xds_proto::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+use remora_xds_proto::pb::envoy::config::listener::v3::{Filter, Listener, filter};
+use remora_xds_proto::pb::envoy::extensions::filters::http::router::v3::Router;
+use remora_xds_proto::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, http_connection_manager::CodecType,
+    http_connection_manager::RouteSpecifier, http_filter,
+};
+use remora_xds_proto::unpack;
+
+use super::{Invalid, OUTBOUND_LISTENER, Result, element, reject_if};
+
+/// The network filter name of the HTTP connection manager.
+const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
+/// The HTTP filter name of the router.
+const ROUTER_FILTER: &str = "envoy.filters.http.router";
+
+/// What the proxy keeps of a listener.
+#[derive(Debug)]
+pub(super) struct ListenerSpec {
+    /// The RDS name its HTTP connection manager uses; `None` for the
+    /// listeners the proxy ignores.
+    pub(super) route_config: Option<String>,
+}
+
+pub(super) fn compile(listener: &Listener) -> Result<ListenerSpec> {
+    if listener.name != OUTBOUND_LISTENER {
+        return Ok(ListenerSpec { route_config: None });
+    }
+    // The address is ignored: the proxy binds where its own flags say.
+    reject_if(listener.api_listener.is_some(), "api_listener")?;
+    reject_if(
+        listener.default_filter_chain.is_some(),
+        "default_filter_chain",
+    )?;
+    reject_if(
+        listener.filter_chain_matcher.is_some(),
+        "filter_chain_matcher",
+    )?;
+    let chain = match listener.filter_chains.as_slice() {
+        [] => return Err(Invalid::new("filter_chains", "is empty")),
+        [chain] => chain,
+        _ => {
+            return Err(Invalid::new(
+                "filter_chains",
+                "has more than one filter chain; only one is supported",
+            ));
+        }
+    };
+    let prefix = element("filter_chains", 0, &chain.name);
+    if chain.transport_socket.is_some() {
+        return Err(Invalid::new(
+            "transport_socket",
+            "is not supported (TLS comes with the identity work)",
+        )
+        .within(&prefix));
+    }
+    let hcm = match chain.filters.as_slice() {
+        [only] => http_connection_manager(only).map_err(|e| e.within("filters[0].")),
+        _ => Err(Invalid::new(
+            "filters",
+            format!(
+                "must hold exactly one filter, {HCM_FILTER}, found {}",
+                chain.filters.len()
+            ),
+        )),
+    }
+    .map_err(|e| e.within(&prefix))?;
+    let route_config = route_config_name(&hcm)
+        .map_err(|e| e.within(&format!("{prefix}filters[0].typed_config ({HCM_FILTER}).")))?;
+    Ok(ListenerSpec {
+        route_config: Some(route_config),
+    })
+}
+
+fn http_connection_manager(filter: &Filter) -> Result<HttpConnectionManager> {
+    match &filter.config_type {
+        Some(filter::ConfigType::TypedConfig(any)) => {
+            if any.type_url != <HttpConnectionManager as prost::Name>::type_url() {
+                return Err(Invalid::new(
+                    "typed_config",
+                    format!(
+                        "{} is not supported (only {HCM_FILTER})",
+                        any.type_url.trim_start_matches("type.googleapis.com/")
+                    ),
+                ));
+            }
+            unpack(any).map_err(|e| Invalid::new("typed_config", e.to_string()))
+        }
+        Some(filter::ConfigType::ConfigDiscovery(_)) => {
+            Err(Invalid::unsupported("config_discovery"))
+        }
+        None => Err(Invalid::new(
+            "typed_config",
+            format!("is missing (expected {HCM_FILTER})"),
+        )),
+    }
+}
+
+fn route_config_name(hcm: &HttpConnectionManager) -> Result<String> {
+    let rds = match &hcm.route_specifier {
+        Some(RouteSpecifier::Rds(rds)) => rds,
+        Some(RouteSpecifier::RouteConfig(_)) => {
+            return Err(Invalid::new(
+                "route_config",
+                "is not supported (routes must come over RDS)",
+            ));
+        }
+        Some(RouteSpecifier::ScopedRoutes(_)) => {
+            return Err(Invalid::unsupported("scoped_routes"));
+        }
+        None => return Err(Invalid::new("rds", "is missing")),
+    };
+    let ads = matches!(
+        rds.config_source
+            .as_ref()
+            .and_then(|s| s.config_source_specifier.as_ref()),
+        Some(ConfigSourceSpecifier::Ads(_))
+    );
+    if !ads {
+        return Err(Invalid::new(
+            "rds.config_source",
+            "is not supported (only ads)",
+        ));
+    }
+    if rds.route_config_name.is_empty() {
+        return Err(Invalid::new("rds.route_config_name", "is empty"));
+    }
+    for (i, f) in hcm.http_filters.iter().enumerate() {
+        router_filter(f).map_err(|e| e.within(&element("http_filters", i, &f.name)))?;
+    }
+    reject_if(
+        hcm.codec_type != CodecType::Auto as i32,
+        "codec_type (only AUTO)",
+    )?;
+    reject_if(!hcm.upgrade_configs.is_empty(), "upgrade_configs")?;
+    reject_if(hcm.local_reply_config.is_some(), "local_reply_config")?;
+    reject_if(hcm.request_timeout.is_some(), "request_timeout")?;
+    reject_if(hcm.stream_idle_timeout.is_some(), "stream_idle_timeout")?;
+    reject_if(
+        hcm.normalize_path.as_ref().is_some_and(|b| b.value),
+        "normalize_path",
+    )?;
+    reject_if(hcm.merge_slashes, "merge_slashes")?;
+    reject_if(hcm.strip_matching_host_port, "strip_matching_host_port")?;
+    reject_if(hcm.strip_port_mode.is_some(), "strip_port_mode")?;
+    Ok(rds.route_config_name.clone())
+}
+
+fn router_filter(filter: &HttpFilter) -> Result<()> {
+    let router_url = <Router as prost::Name>::type_url();
+    let is_router = match &filter.config_type {
+        Some(http_filter::ConfigType::TypedConfig(any)) => any.type_url == router_url,
+        Some(http_filter::ConfigType::ConfigDiscovery(_)) => false,
+        None => filter.name == ROUTER_FILTER,
+    };
+    if is_router {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            "",
+            format!("only the router filter ({ROUTER_FILTER}) is supported"),
+        ))
+    }
+}

@@ -1,0 +1,143 @@
+//! The inbound side: requests from peer sidecars to the local application.
+//!
+//! Peers speak HTTP/2 to us (HTTP/1.1 for upgrades) and name the protocol
+//! the application speaks in `x-remora-app-protocol`; the request is
+//! forwarded to the application in that protocol, with the authority the
+//! caller used, so each application sees exactly what its callers sent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use prometheus::IntGauge;
+
+use crate::config::AppProtocol;
+use crate::errors::ProxyError;
+use crate::http::headers::{self, APP_PROTOCOL};
+use crate::http::observe::{GaugeGuard, Observed};
+use crate::http::upgrade;
+use crate::metrics::{Direction, Metrics, RouteMetrics};
+use crate::outbound::{boxed, hop_for};
+use crate::upstream::{self, Body, Pool};
+
+/// Time allowed to connect to the local application.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The inbound request handler.
+pub struct Inbound {
+    app: SocketAddr,
+    default_protocol: AppProtocol,
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    route: RouteMetrics,
+    in_flight: IntGauge,
+}
+
+impl Inbound {
+    /// Forwards to the application at `app`, which speaks
+    /// `default_protocol` unless the peer says otherwise.
+    pub fn new(
+        app: SocketAddr,
+        default_protocol: AppProtocol,
+        service: &str,
+        metrics: Arc<Metrics>,
+    ) -> Inbound {
+        Inbound {
+            app,
+            default_protocol,
+            pool: Pool::default(),
+            route: metrics.route(Direction::Inbound, service, "inbound"),
+            in_flight: metrics
+                .in_flight
+                .with_label_values(&[Direction::Inbound.as_str()]),
+            metrics,
+        }
+    }
+
+    /// Handles one request from a peer. Never fails: errors become
+    /// responses that say why.
+    pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<Body> {
+        let gauge = GaugeGuard::new(self.in_flight.clone());
+        let start = Instant::now();
+        let grpc = headers::is_grpc(request.headers());
+        let protocol = match request.headers().get(APP_PROTOCOL).map(|v| v.as_bytes()) {
+            Some(b"http2") => AppProtocol::Http2,
+            Some(b"http1") => AppProtocol::Http1,
+            _ => self.default_protocol,
+        };
+        let Some(authority) = headers::authority(&request).map(str::to_owned) else {
+            return self.fail(ProxyError::NoAuthority, grpc);
+        };
+        let upgrade = headers::is_upgrade(&request);
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let (mut parts, body) = request.into_parts();
+        headers::strip_internal(&mut parts.headers);
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+
+        let result = match downstream_upgrade {
+            Some(downstream) => {
+                match upstream::request(&parts, &authority, upstream::Hop::Http1, boxed(body)) {
+                    Ok(request) => {
+                        let sent =
+                            upstream::send_upgrade(self.app, APP_CONNECT_TIMEOUT, request).await;
+                        sent.map(|mut response| {
+                            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                                upgrade::splice(downstream, hyper::upgrade::on(&mut response));
+                            }
+                            response
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            None => {
+                let hop = hop_for(protocol);
+                match upstream::request(&parts, &authority, hop, boxed(body)) {
+                    Ok(request) => {
+                        self.pool
+                            .send(self.app, hop, APP_CONNECT_TIMEOUT, request)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        self.route.duration.observe(start.elapsed().as_secs_f64());
+        match result {
+            Ok(response) => {
+                let (mut head, body) = response.into_parts();
+                headers::strip_hop_by_hop(&mut head.headers, head.status.as_u16() == 101);
+                let grpc_status = headers::grpc_status(&head.headers);
+                let body = Observed::new(
+                    body.map_err(Into::into).boxed_unsync(),
+                    self.route.clone(),
+                    head.status.as_u16(),
+                    grpc_status,
+                    None,
+                    gauge,
+                );
+                Response::from_parts(head, body.boxed_unsync())
+            }
+            Err(error) => {
+                let response = self.fail(error, grpc);
+                self.route.count(
+                    response.status().as_u16(),
+                    headers::grpc_status(response.headers()),
+                );
+                response
+            }
+        }
+    }
+
+    fn fail(&self, error: ProxyError, grpc: bool) -> Response<Body> {
+        self.metrics
+            .proxy_errors
+            .with_label_values(&[Direction::Inbound.as_str(), error.reason()])
+            .inc();
+        tracing::debug!(error = %error, app = %self.app, "inbound request failed");
+        error.to_response(grpc)
+    }
+}

@@ -1,0 +1,23 @@
+//! remora-proxy: the sidecar.
+//!
+//! The data path, in the order a request flows: [`outbound`] (listener,
+//! HTTP server) -> [`http::route`] (virtual host and route match) ->
+//! [`http::retry`] (timeouts, retries, budget) -> [`balance`] (endpoint
+//! choice) -> [`upstream`] (pooled connections) -> the peer's [`inbound`]
+//! -> the local application. [`config`] holds what the data path reads,
+//! compiled from xDS by [`xds`]; [`admin`] and [`metrics`] are how it is
+//! watched.
+
+pub mod admin;
+pub mod balance;
+pub mod bootstrap;
+pub mod config;
+pub mod errors;
+pub mod http;
+pub mod inbound;
+pub mod listener;
+pub mod metrics;
+pub mod outbound;
+pub mod sidecar;
+pub mod upstream;
+pub mod xds;

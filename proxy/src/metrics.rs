@@ -1,0 +1,282 @@
+//! The proxy's Prometheus metrics.
+//!
+//! Families are registered once. Per-route handles ([`RouteMetrics`]) are
+//! resolved when config is compiled, so the data path never looks a metric
+//! up by label, except for the response code, whose handles are cached per
+//! route in a lock-free map that only grows on a code never seen before.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Which side of the proxy a request or connection is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the local application to the mesh.
+    Outbound,
+    /// From the mesh to the local application.
+    Inbound,
+}
+
+impl Direction {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Latency buckets in seconds, fine enough below a millisecond.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Every metric family the proxy exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    retries: IntCounterVec,
+    budget_exhausted: IntCounterVec,
+    timeouts: IntCounterVec,
+    /// Requests in flight, by direction.
+    pub in_flight: IntGaugeVec,
+    /// TCP connections accepted, by direction.
+    pub tcp_connections: IntCounterVec,
+    /// TCP connections open, by direction.
+    pub tcp_open: IntGaugeVec,
+    /// Bytes received from downstream, by direction.
+    pub tcp_read_bytes: IntCounterVec,
+    /// Bytes sent to downstream, by direction.
+    pub tcp_write_bytes: IntCounterVec,
+    /// Errors the proxy itself answered, by direction and reason.
+    pub proxy_errors: IntCounterVec,
+    /// 1 while the xDS stream is up.
+    pub xds_connected: IntGauge,
+    /// Applied version per type, as a label on a gauge set to 1.
+    pub xds_version: IntGaugeVec,
+    /// Unix time of the last applied update, per type.
+    pub xds_last_update: IntGaugeVec,
+    /// Responses rejected, per type.
+    pub xds_nacks: IntCounterVec,
+    /// Reconnects to the control plane.
+    pub xds_reconnects: IntCounter,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Only static definitions reach here; a failure is a programming error
+    // caught by the first test that builds `Metrics`.
+    r.expect("static metric definition")
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let route_labels = ["direction", "service", "route"];
+        let duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "remora_proxy_request_duration_seconds",
+                "Time from request headers to response headers",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &route_labels,
+        ));
+        must(registry.register(Box::new(duration.clone())));
+        let xds_connected = must(IntGauge::new(
+            "remora_proxy_xds_connected",
+            "1 while the xDS stream to the control plane is up",
+        ));
+        must(registry.register(Box::new(xds_connected.clone())));
+        let xds_reconnects = must(IntCounter::new(
+            "remora_proxy_xds_reconnects_total",
+            "Connections to the control plane after the first",
+        ));
+        must(registry.register(Box::new(xds_reconnects.clone())));
+        Metrics {
+            requests: counter(
+                "remora_proxy_requests_total",
+                "Requests by direction, service, route, response code and gRPC status",
+                &["direction", "service", "route", "code", "grpc_status"],
+            ),
+            duration,
+            retries: counter("remora_proxy_retries_total", "Retries sent", &route_labels),
+            budget_exhausted: counter(
+                "remora_proxy_retry_budget_exhausted_total",
+                "Retries not sent because the route's retry budget was spent",
+                &route_labels,
+            ),
+            timeouts: counter(
+                "remora_proxy_timeouts_total",
+                "Requests or tries that timed out",
+                &["direction", "service", "route", "kind"],
+            ),
+            in_flight: gauge(
+                "remora_proxy_requests_in_flight",
+                "Requests in flight",
+                &["direction"],
+            ),
+            tcp_connections: counter(
+                "remora_proxy_tcp_connections_total",
+                "TCP connections accepted",
+                &["direction"],
+            ),
+            tcp_open: gauge(
+                "remora_proxy_tcp_connections_open",
+                "TCP connections open",
+                &["direction"],
+            ),
+            tcp_read_bytes: counter(
+                "remora_proxy_tcp_read_bytes_total",
+                "Bytes received from downstream connections",
+                &["direction"],
+            ),
+            tcp_write_bytes: counter(
+                "remora_proxy_tcp_write_bytes_total",
+                "Bytes sent to downstream connections",
+                &["direction"],
+            ),
+            proxy_errors: counter(
+                "remora_proxy_errors_total",
+                "Responses the proxy produced itself, by reason (the x-remora-error value)",
+                &["direction", "reason"],
+            ),
+            xds_connected,
+            xds_version: gauge(
+                "remora_proxy_xds_applied_version",
+                "Applied xDS version per type (value 1, version in the label)",
+                &["type", "version"],
+            ),
+            xds_last_update: gauge(
+                "remora_proxy_xds_last_update_timestamp_seconds",
+                "Unix time of the last applied update per type; staleness is now minus this",
+                &["type"],
+            ),
+            xds_nacks: counter(
+                "remora_proxy_xds_nacks_total",
+                "xDS responses the proxy rejected",
+                &["type"],
+            ),
+            xds_reconnects,
+            registry,
+        }
+    }
+
+    /// Handles for one route, resolved once per compiled config.
+    pub fn route(&self, direction: Direction, service: &str, route: &str) -> RouteMetrics {
+        let labels = [direction.as_str(), service, route];
+        RouteMetrics {
+            labels: Arc::new(RouteLabels {
+                direction: direction.as_str(),
+                service: service.to_string(),
+                route: route.to_string(),
+            }),
+            requests: self.requests.clone(),
+            codes: Arc::new(ArcSwap::default()),
+            duration: self.duration.with_label_values(&labels),
+            retries: self.retries.with_label_values(&labels),
+            budget_exhausted: self.budget_exhausted.with_label_values(&labels),
+            timeouts: self.timeouts.clone(),
+        }
+    }
+
+    /// Renders the Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[derive(Debug)]
+struct RouteLabels {
+    direction: &'static str,
+    service: String,
+    route: String,
+}
+
+/// Per-route metric handles.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    labels: Arc<RouteLabels>,
+    requests: IntCounterVec,
+    /// (status code, gRPC status or -1) -> counter; grows only.
+    codes: Arc<ArcSwap<HashMap<(u16, i32), IntCounter>>>,
+    /// Request duration.
+    pub duration: Histogram,
+    /// Retries sent.
+    pub retries: IntCounter,
+    /// Retries refused by the budget.
+    pub budget_exhausted: IntCounter,
+    timeouts: IntCounterVec,
+}
+
+impl RouteMetrics {
+    /// Counts a finished request.
+    pub fn count(&self, status: u16, grpc_status: Option<u32>) {
+        let key = (status, grpc_status.map_or(-1, |g| g as i32));
+        if let Some(counter) = self.codes.load().get(&key) {
+            counter.inc();
+            return;
+        }
+        let grpc_label = grpc_status.map(|g| g.to_string()).unwrap_or_default();
+        let counter = self.requests.with_label_values(&[
+            self.labels.direction,
+            &self.labels.service,
+            &self.labels.route,
+            &status.to_string(),
+            &grpc_label,
+        ]);
+        counter.inc();
+        self.codes.rcu(|codes| {
+            let mut codes = HashMap::clone(codes);
+            codes.insert(key, counter.clone());
+            codes
+        });
+    }
+
+    /// Counts a timeout of `kind` (`route`, `per_try`, `connect`, `idle`).
+    pub fn timeout(&self, kind: &str) {
+        self.timeouts
+            .with_label_values(&[
+                self.labels.direction,
+                &self.labels.service,
+                &self.labels.route,
+                kind,
+            ])
+            .inc();
+    }
+}
+
+impl Default for RouteMetrics {
+    /// Handles registered nowhere, for tests of other modules.
+    fn default() -> Self {
+        Metrics::new().route(Direction::Outbound, "", "")
+    }
+}
