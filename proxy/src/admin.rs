@@ -24,6 +24,8 @@ pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 pub struct Admin {
     /// Startup settings, shown in `/config_dump`.
     pub bootstrap: Bootstrap,
+    /// The addresses actually bound (they differ from the flags with port 0).
+    pub listening: serde_json::Value,
     /// The compiled config.
     pub store: Arc<ConfigStore>,
     /// xDS state.
@@ -78,6 +80,7 @@ impl Admin {
             (&Method::GET, "/config_dump") => {
                 let dump = serde_json::json!({
                     "bootstrap": &self.bootstrap,
+                    "listening": &self.listening,
                     "xds": self.xds.snapshot(),
                     "ready": self.store.is_ready(),
                     "config": self.store.load().as_ref(),

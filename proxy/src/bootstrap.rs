@@ -19,7 +19,8 @@ pub struct Bootstrap {
     /// Node id presented to the control plane. Default: `<service>-<pid>`.
     #[arg(long, env = "REMORA_NODE_ID")]
     pub node_id: Option<String>,
-    /// The local service's name (node cluster; label of inbound metrics).
+    /// The local service's name: the node's cluster, and with the namespace
+    /// (`name.namespace`) the `service` label of inbound metrics.
     #[arg(long, env = "REMORA_SERVICE", default_value = "unknown")]
     pub service: String,
     /// Namespace of the workload identity.

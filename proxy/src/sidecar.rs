@@ -111,7 +111,7 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
         let inbound = Arc::new(Inbound::new(
             app,
             bootstrap.app_protocol.into(),
-            &bootstrap.service,
+            &format!("{}.{}", bootstrap.service, bootstrap.namespace),
             metrics.clone(),
         ));
         servers.spawn(listener::serve(
@@ -125,6 +125,11 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
     }
     let admin = Arc::new(Admin {
         bootstrap: bootstrap.clone(),
+        listening: serde_json::json!({
+            "outbound": outbound_addr.to_string(),
+            "inbound": inbound_addr.map(|a| a.to_string()),
+            "admin": admin_addr.to_string(),
+        }),
         store,
         xds: xds_status,
         metrics,

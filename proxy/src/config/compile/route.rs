@@ -234,15 +234,17 @@ fn virtual_host(vh: &VirtualHost) -> Result<VirtualHostSpec> {
     })
 }
 
-/// The service a virtual host serves, for metrics: its name without the
-/// `:PORT` our control plane appends.
+/// The service a virtual host serves, for metrics: `name.namespace`, the
+/// same form inbound metrics use, taken from the `FQDN:PORT` name our
+/// control plane gives virtual hosts; other names are kept whole.
 fn service_label(vhost: &str) -> String {
-    match vhost.rsplit_once(':') {
-        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
-            host.to_string()
-        }
-        _ => vhost.to_string(),
-    }
+    let host = match vhost.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => vhost,
+    };
+    host.strip_suffix(".svc.cluster.local")
+        .unwrap_or(host)
+        .to_string()
 }
 
 fn route(index: usize, r: &Route) -> Result<RouteSpec> {
