@@ -41,12 +41,18 @@ impl ControlPlane {
     /// and waits (at most [`START_TIMEOUT`]) until it has written its
     /// address file and `/ready` answers 200.
     pub async fn start(dir: &TestDir, mesh: &Path) -> Result<ControlPlane> {
+        ControlPlane::start_at(dir, mesh, "127.0.0.1:0").await
+    }
+
+    /// [`ControlPlane::start`] with xDS on `xds_addr`: a restart on the
+    /// address a killed control plane had, so its clients reconnect.
+    pub async fn start_at(dir: &TestDir, mesh: &Path, xds_addr: &str) -> Result<ControlPlane> {
         let bin = workspace::control_plane_binary()?;
         let address_file = dir.unique_file("control-plane-addresses", "json");
         let mut cmd = Command::new(&bin);
         cmd.arg("--config")
             .arg(mesh)
-            .args(["--xds-addr", "127.0.0.1:0"])
+            .args(["--xds-addr", xds_addr])
             .args(["--monitoring-addr", "127.0.0.1:0"])
             .arg("--address-file")
             .arg(&address_file);
@@ -113,6 +119,12 @@ impl ControlPlane {
     /// Fails if the process has exited.
     pub fn check_running(&mut self) -> Result<()> {
         self.child.check_running()
+    }
+
+    /// Kills it at once (SIGKILL): a crash. Its log stays in the test
+    /// directory.
+    pub fn kill(&mut self) {
+        self.child.kill();
     }
 
     /// `GET path` on the monitoring port; fails unless 200.

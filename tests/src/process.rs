@@ -99,6 +99,13 @@ impl Child {
         &mut self.child
     }
 
+    /// Kills the child at once (SIGKILL) and reaps it: a crash, for tests
+    /// of what its peers do when it vanishes.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the child: SIGTERM, then SIGKILL after [`STOP_GRACE`].
     pub fn stop(&mut self) {
         if self.try_exited().is_some() {

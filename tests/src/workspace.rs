@@ -67,6 +67,11 @@ pub fn control_plane_binary() -> Result<PathBuf> {
     workspace_binary("remora-control-plane")
 }
 
+/// The `remora-proxy` binary.
+pub fn proxy_binary() -> Result<PathBuf> {
+    workspace_binary("remora-proxy")
+}
+
 /// The Python interpreter: `$PYTHON`, else `python3` on `PATH`.
 pub fn python() -> PathBuf {
     std::env::var_os("PYTHON")

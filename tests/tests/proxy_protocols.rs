@@ -1,0 +1,557 @@
+//! HTTP/1.1, HTTP/2 and gRPC through a pair of `remora-proxy` sidecars:
+//! each application sees exactly the protocol it speaks whatever its caller
+//! spoke; methods, paths, end-to-end headers and bodies (streamed ones too)
+//! arrive as sent; hop-by-hop headers and a caller's `x-remora-*` headers
+//! do not; trailers and gRPC statuses come back intact.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use remora_tests::TestDir;
+use remora_tests::app_client::{AppClient, full};
+use remora_tests::echo::{EchoServer, Echoed, RESPONSE_HEADER, TRAILER, TRAILERS_HEADER};
+use remora_tests::grpc::{GrpcServer, Method as Rpcm, Rpc};
+use remora_tests::mesh::MeshFile;
+use remora_tests::pattern::PatternBody;
+use remora_tests::proxy::AppProtocol;
+use remora_tests::topology::{App, Topology};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Three services: an HTTP/1.1 application, an h2c one and a gRPC one.
+const MESH: &str = r#"
+services:
+  - name: web
+    namespace: test
+    ports: [{name: http, port: 8080, protocol: http}]
+  - name: h2app
+    namespace: test
+    ports: [{name: http2, port: 8081, protocol: http2}]
+  - name: greeter
+    namespace: test
+    ports: [{name: grpc, port: 9090, protocol: grpc}]
+  - name: h2quiet
+    namespace: test
+    ports: [{name: http2, port: 8082, protocol: http2}]
+"#;
+
+const WEB: &str = "web.test:8080";
+const H2APP: &str = "h2app.test.svc.cluster.local:8081";
+const GREETER: &str = "greeter.test:9090";
+/// An h2c application whose sidecar was not told so (no `--app-protocol`):
+/// it learns the protocol from the calling sidecar.
+const H2QUIET: &str = "h2quiet.test:8082";
+
+async fn http_topology(dir: &TestDir) -> Result<(Topology, EchoServer, EchoServer, EchoServer)> {
+    let web = EchoServer::start("web").await?;
+    let h2app = EchoServer::start("h2app").await?;
+    let h2quiet = EchoServer::start("h2quiet").await?;
+    let mut mesh = MeshFile::parse(MESH)?;
+    remora_tests::topology::keep_services(&mut mesh, &["web.test", "h2app.test", "h2quiet.test"])?;
+    let topology = Topology::start(
+        dir,
+        mesh,
+        vec![
+            App::new("web", "web.test", web.addr()),
+            App::new("h2app", "h2app.test", h2app.addr()).protocol(AppProtocol::Http2),
+            App::new("h2quiet", "h2quiet.test", h2quiet.addr())
+                .protocol(AppProtocol::Http2)
+                .without_protocol_flag(),
+        ],
+    )
+    .await?;
+    Ok((topology, web, h2app, h2quiet))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_application_sees_its_own_protocol_whatever_the_caller_speaks() {
+    let dir = TestDir::new("proxy-protocols");
+    dir.check(own_protocol(&dir).await);
+}
+
+async fn own_protocol(dir: &TestDir) -> Result<()> {
+    let (topology, web, h2app, h2quiet) = http_topology(dir).await?;
+    let outbound = topology.client().outbound_addr();
+    for caller in [AppProtocol::Http1, AppProtocol::Http2] {
+        let client = AppClient::new(outbound, caller);
+        for (authority, expected) in [(WEB, "HTTP/1.1"), (H2APP, "HTTP/2"), (H2QUIET, "HTTP/2")] {
+            let reply = client.get(authority, "/who", &[]).await?;
+            let echoed = reply
+                .echoed()
+                .with_context(|| format!("{caller:?} caller to {authority}"))?;
+            ensure!(
+                echoed.version == expected,
+                "a {caller:?} caller reached {authority}'s application over {}, expected \
+                 {expected}: {echoed:?}",
+                echoed.version
+            );
+            ensure!(
+                echoed.authority.as_deref() == Some(authority),
+                "the application saw authority {:?}, the caller used {authority}",
+                echoed.authority
+            );
+        }
+    }
+    ensure!(
+        web.versions() == (2, 0),
+        "the HTTP/1.1 application saw (HTTP/1.1, HTTP/2) requests {:?}",
+        web.versions()
+    );
+    ensure!(
+        h2app.versions() == (0, 2),
+        "the h2c application saw (HTTP/1.1, HTTP/2) requests {:?}",
+        h2app.versions()
+    );
+    ensure!(
+        h2quiet.versions() == (0, 2),
+        "the h2c application whose sidecar has no --app-protocol saw (HTTP/1.1, HTTP/2) \
+         requests {:?}: the calling sidecar names the protocol",
+        h2quiet.versions()
+    );
+
+    // Trailers from an h2c application reach an h2c caller.
+    let client = AppClient::new(outbound, AppProtocol::Http2);
+    let reply = client
+        .get(H2APP, "/trailers", &[(TRAILERS_HEADER, "1")])
+        .await?;
+    ensure!(reply.status == StatusCode::OK, "{}", reply.describe());
+    let trailer = reply
+        .trailers
+        .as_ref()
+        .and_then(|t| t.get(TRAILER))
+        .and_then(|v| v.to_str().ok());
+    ensure!(
+        trailer == Some("done"),
+        "the trailer {TRAILER}: done did not arrive: trailers {:?}, {}",
+        reply.trailers,
+        reply.describe()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_headers_and_bodies_arrive_as_sent_without_hop_by_hop_or_internal_headers() {
+    let dir = TestDir::new("proxy-headers");
+    dir.check(headers_and_methods(&dir).await);
+}
+
+/// Checks what an application received against what the caller sent.
+fn check_forwarded(echoed: &Echoed, what: &str) -> Result<()> {
+    ensure!(
+        echoed.header_values("x-custom") == ["one", "two"],
+        "{what}: x-custom arrived as {:?}, sent as one, two",
+        echoed.header_values("x-custom")
+    );
+    ensure!(
+        echoed.header_values("x-forwarded-for") == ["10.1.2.3"]
+            && echoed.header_values("forwarded") == ["for=10.1.2.3"],
+        "{what}: x-forwarded-for / forwarded must pass untouched: {:?}",
+        echoed.headers
+    );
+    let added: Vec<_> = echoed
+        .headers
+        .iter()
+        .filter(|(k, _)| k.starts_with("x-forwarded-") && k != "x-forwarded-for")
+        .collect();
+    ensure!(
+        added.is_empty(),
+        "{what}: a sidecar added {added:?}; it adds nothing"
+    );
+    let internal: Vec<_> = echoed
+        .headers
+        .iter()
+        .filter(|(k, _)| k.starts_with("x-remora-"))
+        .collect();
+    ensure!(
+        internal.is_empty(),
+        "{what}: x-remora-* headers reached the application: {internal:?}"
+    );
+    for hop in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "x-hop",
+        "transfer-encoding",
+    ] {
+        ensure!(
+            !echoed.has_header(hop),
+            "{what}: the hop-by-hop header {hop} was forwarded: {:?}",
+            echoed.headers
+        );
+    }
+    if echoed.has_header("te") {
+        ensure!(
+            echoed.header_values("te") == ["trailers"],
+            "{what}: only `te: trailers` may cross a hop, got {:?}",
+            echoed.header_values("te")
+        );
+    }
+    Ok(())
+}
+
+async fn headers_and_methods(dir: &TestDir) -> Result<()> {
+    let (topology, _web, _h2app, _h2quiet) = http_topology(dir).await?;
+    let outbound = topology.client().outbound_addr();
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::from_bytes(b"PURGE")?,
+    ];
+    for caller in [AppProtocol::Http1, AppProtocol::Http2] {
+        let client = AppClient::new(outbound, caller);
+        for authority in [WEB, H2APP] {
+            for method in &methods {
+                let what = format!("{caller:?} {method} to {authority}");
+                let path = "/items/42?q=a%20b&x=1";
+                let mut req = client
+                    .request(method.clone(), authority, path)
+                    .header("x-custom", "one")
+                    .header("x-custom", "two")
+                    .header("x-forwarded-for", "10.1.2.3")
+                    .header("forwarded", "for=10.1.2.3")
+                    .header("x-remora-app-protocol", "http2")
+                    .header("x-remora-peer-identity", "spiffe://evil/ns/x/sa/y")
+                    .header("te", "trailers");
+                if caller == AppProtocol::Http1 {
+                    // Connection-specific headers exist only in HTTP/1.1.
+                    req = req
+                        .header("connection", "keep-alive, x-hop")
+                        .header("x-hop", "secret")
+                        .header("keep-alive", "timeout=5")
+                        .header("proxy-connection", "keep-alive")
+                        .header("upgrade", "something-else");
+                }
+                let body = if *method == Method::GET || *method == Method::OPTIONS {
+                    full("")
+                } else {
+                    full(format!("body of {method}"))
+                };
+                let reply = client.exchange(req.body(body)?).await?;
+                let echoed = reply.echoed().with_context(|| what.clone())?;
+                ensure!(
+                    echoed.method == method.as_str(),
+                    "{what}: the application saw method {}",
+                    echoed.method
+                );
+                ensure!(
+                    echoed.path == path,
+                    "{what}: the application saw path {:?}",
+                    echoed.path
+                );
+                // The caller's spoofed x-remora-app-protocol changes nothing.
+                let version = if authority == WEB {
+                    "HTTP/1.1"
+                } else {
+                    "HTTP/2"
+                };
+                ensure!(
+                    echoed.version == version,
+                    "{what}: the application saw {}, it speaks {version}",
+                    echoed.version
+                );
+                if *method != Method::GET && *method != Method::OPTIONS {
+                    ensure!(
+                        echoed.body.as_deref() == Some(&*format!("body of {method}")),
+                        "{what}: the body arrived as {:?}",
+                        echoed.body
+                    );
+                }
+                check_forwarded(&echoed, &what)?;
+                ensure!(
+                    reply.remora_error().is_none(),
+                    "{what}: {}",
+                    reply.describe()
+                );
+            }
+        }
+    }
+
+    // Bodiless answers: HEAD, 204, 304; and an application's 500 passes
+    // as it is (no retry on this route).
+    for caller in [AppProtocol::Http1, AppProtocol::Http2] {
+        let client = AppClient::new(outbound, caller);
+        for authority in [WEB, H2APP] {
+            let what = format!("{caller:?} to {authority}");
+            let reply = client
+                .exchange(
+                    client
+                        .request(Method::HEAD, authority, "/head")
+                        .body(full(""))?,
+                )
+                .await?;
+            ensure!(
+                reply.status == StatusCode::OK
+                    && reply.header("x-backend").is_some()
+                    && reply.body.is_empty(),
+                "{what}: HEAD: {}",
+                reply.describe()
+            );
+            for status in ["204", "304", "500"] {
+                let reply = client
+                    .get(authority, "/status", &[("x-echo-status", status)])
+                    .await?;
+                ensure!(
+                    reply.status.as_str() == status
+                        && reply.remora_error().is_none()
+                        && reply.header("x-backend").is_some(),
+                    "{what}: the application answered {status}, the caller got {}",
+                    reply.describe()
+                );
+            }
+        }
+    }
+
+    // Hop-by-hop headers of a response are not forwarded either; an h2c
+    // caller would see its stream reset if they were.
+    for caller in [AppProtocol::Http1, AppProtocol::Http2] {
+        let client = AppClient::new(outbound, caller);
+        let reply = client
+            .get(
+                WEB,
+                "/response-headers",
+                &[
+                    (RESPONSE_HEADER, "connection: x-resp-hop"),
+                    (RESPONSE_HEADER, "x-resp-hop: secret"),
+                    (RESPONSE_HEADER, "keep-alive: timeout=5"),
+                    (RESPONSE_HEADER, "proxy-connection: keep-alive"),
+                    (RESPONSE_HEADER, "x-end-to-end: kept"),
+                ],
+            )
+            .await?;
+        ensure!(
+            reply.status == StatusCode::OK && reply.header("x-end-to-end") == Some("kept"),
+            "{caller:?}: the application's response did not arrive whole: {}",
+            reply.describe()
+        );
+        for hop in ["x-resp-hop", "keep-alive", "proxy-connection"] {
+            ensure!(
+                reply.header(hop).is_none(),
+                "{caller:?}: the response's hop-by-hop header {hop} was forwarded: {}",
+                reply.describe()
+            );
+        }
+        ensure!(
+            reply
+                .header("connection")
+                .is_none_or(|c| !c.contains("x-resp-hop")),
+            "{caller:?}: the application's Connection header was forwarded: {}",
+            reply.describe()
+        );
+    }
+
+    // What an HTTP/1.1 client such as curl does: an absolute-form target
+    // (as sent to an HTTP proxy), and `Expect: 100-continue` before a body.
+    let raw = raw_exchange(
+        outbound,
+        "GET http://web.test:8080/absolute?x=1 HTTP/1.1\r\nHost: web.test:8080\r\n\
+         Connection: close\r\n\r\n",
+        None,
+    )
+    .await?;
+    ensure!(
+        raw.starts_with("HTTP/1.1 200") && raw.contains("\"path\":\"/absolute?x=1\""),
+        "an absolute-form request through the pair: {raw}"
+    );
+    let raw = raw_exchange(
+        outbound,
+        "PUT /expect HTTP/1.1\r\nHost: web.test:8080\r\nContent-Length: 11\r\n\
+         Expect: 100-continue\r\nConnection: close\r\n\r\n",
+        Some(b"hello world"),
+    )
+    .await?;
+    ensure!(
+        raw.starts_with("HTTP/1.1 200") && raw.contains("\"body\":\"hello world\""),
+        "an upload with Expect: 100-continue through the pair: {raw}"
+    );
+
+    // A streamed (chunked) upload of 8 MiB in 16 KiB chunks arrives whole
+    // and in order, from either kind of caller to either application.
+    const LEN: u64 = 8 << 20;
+    for caller in [AppProtocol::Http1, AppProtocol::Http2] {
+        let client = AppClient::new(outbound, caller);
+        for authority in [WEB, H2APP] {
+            let req = client
+                .request(Method::PUT, authority, "/upload")
+                .body(PatternBody::new(LEN, 16 << 10).boxed())?;
+            let reply = client.exchange_within(req, Duration::from_secs(30)).await?;
+            let echoed = reply
+                .echoed()
+                .with_context(|| format!("{caller:?} upload to {authority}"))?;
+            ensure!(
+                echoed.body_len == LEN && echoed.body_is_pattern,
+                "{caller:?} upload to {authority}: the application received {} bytes (pattern \
+                 intact: {}), {LEN} were sent",
+                echoed.body_len,
+                echoed.body_is_pattern
+            );
+            if caller == AppProtocol::Http1 && authority == WEB {
+                // Streamed end to end: no length was announced, so the
+                // HTTP/1.1 application got it chunked.
+                ensure!(
+                    echoed.header_values("content-length").is_empty(),
+                    "the chunked upload reached the application with a content-length: {:?}",
+                    echoed.headers
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_streaming_and_statuses_travel_through_the_pair() {
+    let dir = TestDir::new("proxy-grpc");
+    dir.check(grpc(&dir).await);
+}
+
+async fn grpc(dir: &TestDir) -> Result<()> {
+    let server = GrpcServer::start(dir, "greeter-1").await?;
+    let mut mesh = MeshFile::parse(MESH)?;
+    remora_tests::topology::keep_services(&mut mesh, &["greeter.test"])?;
+    let app_addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.port()));
+    let topology = Topology::start(
+        dir,
+        mesh,
+        vec![App::new("greeter-1", "greeter.test", app_addr).protocol(AppProtocol::Http2)],
+    )
+    .await?;
+    let outbound = topology.client().outbound_addr();
+
+    let peer_trailer = |o: &remora_tests::grpc::RpcOutcome| {
+        o.trailing_metadata.get("x-peer-name").cloned() == Some(vec!["greeter-1".to_string()])
+    };
+
+    // Unary, with request metadata: custom metadata reaches the server, a
+    // caller's x-remora-* does not.
+    let who = Rpc::new(outbound, GREETER, Rpcm::Who)
+        .metadata("x-custom", "kept")
+        .metadata("x-remora-peer-identity", "spoofed")
+        .run(dir)
+        .await?;
+    ensure!(
+        who.code == "OK" && who.replies == ["greeter-1"] && peer_trailer(&who),
+        "unary Who through the pair: {who:?}"
+    );
+    ensure!(
+        who.trailing_metadata.get("x-seen-x-custom").cloned() == Some(vec!["kept".to_string()]),
+        "the server did not see the caller's x-custom metadata: {who:?}"
+    );
+    let internal: Vec<&String> = who
+        .trailing_metadata
+        .keys()
+        .filter(|k| k.starts_with("x-seen-x-remora-"))
+        .collect();
+    ensure!(
+        internal.is_empty(),
+        "x-remora-* metadata reached the server: {internal:?}"
+    );
+
+    // Server streaming, long enough to need flow control on every hop.
+    let count = Rpc::new(outbound, GREETER, Rpcm::Count)
+        .arg("3000")
+        .run(dir)
+        .await?;
+    let expected: Vec<String> = (0..3000).map(|i| format!("greeter-1:{i}")).collect();
+    ensure!(
+        count.code == "OK" && count.replies == expected && peer_trailer(&count),
+        "server-streaming Count(3000) through the pair: {} replies, code {} {}, trailers {:?}",
+        count.replies.len(),
+        count.code,
+        count.details,
+        count.trailing_metadata
+    );
+
+    // Bidirectional: each message is sent only once the previous answer
+    // arrived, so this completes only if both directions stream.
+    let echo = Rpc::new(outbound, GREETER, Rpcm::Echo)
+        .messages(&["a", "b", "c", "d"])
+        .run(dir)
+        .await?;
+    ensure!(
+        echo.code == "OK"
+            && echo.replies == ["greeter-1:a", "greeter-1:b", "greeter-1:c", "greeter-1:d"]
+            && peer_trailer(&echo),
+        "bidirectional Echo through the pair: {echo:?}"
+    );
+
+    // A non-OK status with its message, from the application's trailers.
+    let fail = Rpc::new(outbound, GREETER, Rpcm::Fail)
+        .arg("NOT_FOUND:no item 42 (checked twice)")
+        .run(dir)
+        .await?;
+    ensure!(
+        fail.code == "NOT_FOUND"
+            && fail.details == "no item 42 (checked twice)"
+            && peer_trailer(&fail),
+        "Fail(NOT_FOUND) through the pair: {fail:?}"
+    );
+    let fail = Rpc::new(outbound, GREETER, Rpcm::Fail)
+        .arg("RESOURCE_EXHAUSTED:quota: 0% left")
+        .run(dir)
+        .await?;
+    ensure!(
+        fail.code == "RESOURCE_EXHAUSTED" && fail.details == "quota: 0% left",
+        "Fail(RESOURCE_EXHAUSTED) through the pair: {fail:?}"
+    );
+
+    // A gRPC caller of a service the mesh does not have gets a gRPC status,
+    // not an HTTP error page.
+    let unknown = Rpc::new(outbound, "nothing.test:9090", Rpcm::Who)
+        .run(dir)
+        .await?;
+    ensure!(
+        unknown.code == "UNIMPLEMENTED",
+        "a call to an unknown service: {unknown:?}"
+    );
+    ensure!(
+        unknown.initial_metadata.get("x-remora-error").cloned()
+            == Some(vec!["no_route".to_string()])
+            || unknown.trailing_metadata.get("x-remora-error").cloned()
+                == Some(vec!["no_route".to_string()]),
+        "a call to an unknown service carries no x-remora-error: no_route: {unknown:?}"
+    );
+    Ok(())
+}
+
+/// Sends a hand-written HTTP/1.1 request head to `addr`. With a body, the
+/// head must carry `Expect: 100-continue`: the body goes only after the
+/// interim `100 Continue` arrived. Returns the final response as text
+/// (the head asks for `Connection: close`, so it ends with the connection).
+async fn raw_exchange(addr: SocketAddr, head: &str, body: Option<&[u8]>) -> Result<String> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(head.as_bytes()).await?;
+        let mut buf = Vec::new();
+        if let Some(body) = body {
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut chunk).await?;
+                ensure!(n > 0, "the connection closed before 100 Continue: {buf:?}");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let interim = String::from_utf8_lossy(&buf).into_owned();
+            ensure!(
+                interim.starts_with("HTTP/1.1 100"),
+                "expected `HTTP/1.1 100 Continue` before sending the body, got {interim:?}"
+            );
+            let end = buf
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(0, |i| i + 4);
+            buf.drain(..end);
+            stream.write_all(body).await?;
+        }
+        stream.read_to_end(&mut buf).await?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    })
+    .await
+    .with_context(|| format!("no whole answer within 10 s to {head:?}"))?
+}
