@@ -304,7 +304,10 @@ fn authorities_select_virtual_hosts() {
     }
     assert_eq!(table.virtual_host("catalog:9999").map(|v| &v.name), None);
     let vh = table.virtual_host("reviews:9090").expect("reviews");
-    assert_eq!(vh.service, "reviews.shop", "name.namespace, as inbound metrics say it");
+    assert_eq!(
+        vh.service, "reviews.shop",
+        "name.namespace, as inbound metrics say it"
+    );
 }
 
 #[test]
