@@ -72,6 +72,9 @@ pub enum ProxyError {
     /// A try's timeout expired.
     #[error("per-try timeout of {0:?} expired")]
     PerTryTimeout(Duration),
+    /// A route without a timeout waited this long for a response to start.
+    #[error("no response within the stream idle timeout of {0:?}")]
+    IdleTimeout(Duration),
     /// The request from downstream was malformed or not allowed.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -85,7 +88,8 @@ impl ProxyError {
             ProxyError::Connect { .. }
             | ProxyError::ConnectTimeout { .. }
             | ProxyError::Reset { .. }
-            | ProxyError::PerTryTimeout(_) => Side::Upstream,
+            | ProxyError::PerTryTimeout(_)
+            | ProxyError::IdleTimeout(_) => Side::Upstream,
             ProxyError::NotReady
             | ProxyError::NoRoute(_)
             | ProxyError::ClusterNotFound(_)
@@ -107,6 +111,7 @@ impl ProxyError {
             ProxyError::Reset { .. } => "upstream_reset",
             ProxyError::RouteTimeout(_) => "route_timeout",
             ProxyError::PerTryTimeout(_) => "per_try_timeout",
+            ProxyError::IdleTimeout(_) => "idle_timeout",
             ProxyError::BadRequest(_) => "bad_request",
         }
     }
@@ -122,7 +127,8 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Reset { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout { .. }
             | ProxyError::RouteTimeout(_)
-            | ProxyError::PerTryTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            | ProxyError::PerTryTimeout(_)
+            | ProxyError::IdleTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 

@@ -28,6 +28,10 @@ use crate::http::upgrade;
 use crate::metrics::{Direction, Metrics};
 use crate::upstream::{self, Body, Hop};
 
+/// How long a request on a route without a timeout may wait for its
+/// response to start.
+pub const STREAM_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The outbound request handler.
 pub struct Outbound {
     store: Arc<ConfigStore>,
@@ -73,6 +77,7 @@ impl Outbound {
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
 
         let start = Instant::now();
+        let cancelled = CountIfCancelled::new(&route.metrics);
         let result = match downstream_upgrade {
             Some(downstream) => {
                 self.upgrade(route, &parts, body, &authority, downstream)
@@ -80,6 +85,7 @@ impl Outbound {
             }
             None => self.forward(route, &parts, body, &authority).await,
         };
+        cancelled.disarm();
         route
             .metrics
             .duration
@@ -100,8 +106,10 @@ impl Outbound {
                 Response::from_parts(head, body.boxed_unsync())
             }
             Err(error) => {
-                if let ProxyError::RouteTimeout(_) = error {
-                    route.metrics.timeout("route");
+                match error {
+                    ProxyError::RouteTimeout(_) => route.metrics.timeout("route"),
+                    ProxyError::IdleTimeout(_) => route.metrics.timeout("idle"),
+                    _ => {}
                 }
                 let response = self.fail(error, grpc);
                 route.metrics.count(
@@ -174,12 +182,18 @@ impl Outbound {
                 tokio::time::sleep(retry::backoff(policy, retries)).await;
             }
         };
-        match action.timeout {
-            Some(limit) => tokio::time::timeout(limit, tries)
-                .await
-                .unwrap_or(Err(ProxyError::RouteTimeout(limit))),
-            None => tries.await,
-        }
+        // A route without a timeout still does not wait forever for a
+        // response to start (Envoy's stream idle timeout, 5 minutes).
+        let (limit, error) = match action.timeout {
+            Some(limit) => (limit, ProxyError::RouteTimeout(limit)),
+            None => (
+                STREAM_IDLE_TIMEOUT,
+                ProxyError::IdleTimeout(STREAM_IDLE_TIMEOUT),
+            ),
+        };
+        tokio::time::timeout(limit, tries)
+            .await
+            .unwrap_or(Err(error))
     }
 
     /// An HTTP/1.1 upgrade: one try, on a connection of its own.
@@ -214,6 +228,29 @@ impl Outbound {
             .inc();
         tracing::debug!(error = %error, "outbound request failed");
         error.to_response(grpc)
+    }
+}
+
+/// Counts a request whose caller went away before its response started
+/// (the handler's future is dropped), as status 499 the way nginx logs it,
+/// so cancellations show in `remora_proxy_requests_total`.
+struct CountIfCancelled<'a>(Option<&'a crate::metrics::RouteMetrics>);
+
+impl<'a> CountIfCancelled<'a> {
+    fn new(metrics: &'a crate::metrics::RouteMetrics) -> Self {
+        CountIfCancelled(Some(metrics))
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CountIfCancelled<'_> {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.0 {
+            metrics.count(499, None);
+        }
     }
 }
 

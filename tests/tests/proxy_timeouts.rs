@@ -1,20 +1,21 @@
 //! Timeouts of `remora-proxy` against a slow application: a route timeout
 //! and a per-try timeout each fire within 10% of the configured value, with
 //! a 504 and `x-remora-error` naming which; per-try timeouts are retried
-//! when the route says so; a gRPC caller gets `DEADLINE_EXCEEDED`.
+//! when the route says so; a gRPC caller gets `DEADLINE_EXCEEDED`; a caller
+//! that gives up is counted as 499 and leaves nothing in flight.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use http::StatusCode;
-use remora_tests::TestDir;
 use remora_tests::app_client::AppClient;
 use remora_tests::echo::{DELAY_HEADER, EchoServer};
 use remora_tests::grpc::{GrpcServer, Method, Rpc};
 use remora_tests::mesh::MeshFile;
 use remora_tests::proxy::AppProtocol;
 use remora_tests::topology::{App, Topology};
+use remora_tests::{TestDir, eventually};
 
 const MESH: &str = r#"
 services:
@@ -168,5 +169,42 @@ async fn timeouts(dir: &TestDir) -> Result<()> {
         "a gRPC call to an application answering after 3 s behind a 500 ms route timeout: \
          {outcome:?}"
     );
+
+    // A caller that gives up before the answer: counted as 499, nothing
+    // left in flight.
+    let impatient = AppClient::new(outbound, AppProtocol::Http1);
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        impatient.get("slow.test:8080", "/route", &[(DELAY_HEADER, "3000")]),
+    )
+    .await;
+    ensure!(
+        gave_up.is_err(),
+        "the slow answer came within 100 ms: {gave_up:?}"
+    );
+    eventually(
+        "the abandoned request is counted as 499 and nothing is in flight",
+        Duration::from_secs(5),
+        async || {
+            let cancelled = client
+                .counter(
+                    "remora_proxy_requests_total",
+                    &[("code", "499"), ("route", "route-timeout")],
+                )
+                .await?;
+            let in_flight = client
+                .counter(
+                    "remora_proxy_requests_in_flight",
+                    &[("direction", "outbound")],
+                )
+                .await?;
+            ensure!(
+                cancelled == 1.0 && in_flight == 0.0,
+                "requests_total{{code=\"499\"}} is {cancelled}, requests_in_flight is {in_flight}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
     Ok(())
 }
