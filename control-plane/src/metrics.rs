@@ -3,10 +3,7 @@
 //! Handles are created here and cloned where they are used, so nothing looks
 //! a metric up by name on a hot path.
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::model::Mesh;
 
@@ -107,12 +104,9 @@ impl Metrics {
             .set(services.iter().map(|s| s.endpoints.len() as i64).sum());
     }
 
-    /// Renders the Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metric families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8_lossy(&out).into_owned()
+    /// The registry every metric is in.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 

@@ -4,7 +4,7 @@
 //! control plane as a child process of itself.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -126,13 +126,16 @@ async fn run(args: Args, mesh: Mesh) -> anyhow::Result<()> {
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(ads)
         .serve_with_incoming_shutdown(TcpListenerStream::new(xds_listener), async move {
-            shutdown_signal().await;
+            remora_runtime::shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
     admin.set_ready();
     tracing::info!(%xds_addr, %monitoring_addr, config = %args.config.display(), "remora-control-plane serving");
     if let Some(path) = &args.address_file {
-        write_address_file(path, xds_addr, monitoring_addr)?;
+        remora_runtime::write_address_file(
+            path,
+            &serde_json::json!({ "xds": xds_addr.to_string(), "monitoring": monitoring_addr.to_string() }),
+        )?;
     }
 
     tokio::select! {
@@ -145,38 +148,4 @@ async fn run(args: Args, mesh: Mesh) -> anyhow::Result<()> {
     }
     tracing::info!("shut down");
     Ok(())
-}
-
-fn write_address_file(path: &Path, xds: SocketAddr, monitoring: SocketAddr) -> anyhow::Result<()> {
-    let body = serde_json::json!({ "xds": xds.to_string(), "monitoring": monitoring.to_string() });
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, body.to_string())
-        .with_context(|| format!("cannot write {} (--address-file)", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot write {} (--address-file)", path.display()))?;
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
 }

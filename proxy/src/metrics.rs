@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Which side of the proxy a request or connection is on.
@@ -199,12 +199,9 @@ impl Metrics {
         }
     }
 
-    /// Renders the Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8_lossy(&out).into_owned()
+    /// The registry every family is in.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 

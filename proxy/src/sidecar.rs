@@ -3,7 +3,6 @@
 //! and so does `remora`, which runs sidecars as child processes of itself.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,13 +122,14 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
             grace,
         ));
     }
+    let listening = serde_json::json!({
+        "outbound": outbound_addr.to_string(),
+        "inbound": inbound_addr.map(|a| a.to_string()),
+        "admin": admin_addr.to_string(),
+    });
     let admin = Arc::new(Admin {
         bootstrap: bootstrap.clone(),
-        listening: serde_json::json!({
-            "outbound": outbound_addr.to_string(),
-            "inbound": inbound_addr.map(|a| a.to_string()),
-            "admin": admin_addr.to_string(),
-        }),
+        listening: listening.clone(),
         store,
         xds: xds_status,
         metrics,
@@ -139,10 +139,10 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
 
     tracing::info!(%outbound_addr, inbound_addr = ?inbound_addr, %admin_addr, control_plane = bootstrap.control_plane, "remora-proxy started");
     if let Some(path) = &bootstrap.address_file {
-        write_address_file(path, outbound_addr, inbound_addr, admin_addr)?;
+        remora_runtime::write_address_file(path, &listening)?;
     }
 
-    shutdown_signal().await;
+    remora_runtime::shutdown_signal().await;
     tracing::info!(?grace, "draining");
     let _ = drain_tx.send(true);
     while servers.join_next().await.is_some() {}
@@ -154,39 +154,4 @@ async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} ({flag}): is another process using it?"))
-}
-
-fn write_address_file(
-    path: &Path,
-    outbound: SocketAddr,
-    inbound: Option<SocketAddr>,
-    admin: SocketAddr,
-) -> anyhow::Result<()> {
-    let body = serde_json::json!({
-        "outbound": outbound.to_string(),
-        "inbound": inbound.map(|a| a.to_string()),
-        "admin": admin.to_string(),
-    });
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, body.to_string())
-        .with_context(|| format!("cannot write {} (--address-file)", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot write {} (--address-file)", path.display()))?;
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
-            let _ = ctrl_c.await;
-        }
-    }
 }
