@@ -5,6 +5,7 @@
 //! the Aggregated Discovery Service; [`admin`] is the monitoring listener.
 
 pub mod admin;
+pub mod ca;
 pub mod metrics;
 pub mod model;
 pub mod server;
