@@ -14,6 +14,9 @@
 //! how a root is rotated without downtime.
 //!
 //! Time is always passed in (`now`), so that tests are deterministic.
+//!
+//! [`service`] serves the CA over gRPC (`remora.identity.v1.CertificateService`)
+//! to workloads that prove their identity with a bearer token.
 
 use std::fmt;
 use std::fs;
@@ -32,6 +35,8 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use crate::model::Identity;
+
+pub mod service;
 
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,9 @@
 //! Handles are created here and cloned where they are used, so nothing looks
 //! a metric up by name on a hot path.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::model::Mesh;
 
@@ -27,6 +29,11 @@ pub struct Metrics {
     pub mesh_services: IntGauge,
     /// Endpoints in the served model.
     pub mesh_endpoints: IntGauge,
+    /// Workload certificates issued by the CA's signing API.
+    pub ca_certificates_issued: IntCounter,
+    /// Signing requests refused, by reason (see
+    /// [`crate::ca::service::RefusalReason`]).
+    pub ca_certificates_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -76,11 +83,24 @@ impl Metrics {
                 .expect("static metric definition"),
             mesh_endpoints: IntGauge::new("remora_mesh_endpoints", "Endpoints in the served mesh")
                 .expect("static metric definition"),
+            ca_certificates_issued: IntCounter::new(
+                "remora_ca_certificates_issued_total",
+                "Workload certificates issued by the certificate-signing API",
+            )
+            .expect("static metric definition"),
+            ca_certificates_refused: IntCounterVec::new(
+                Opts::new(
+                    "remora_ca_certificates_refused_total",
+                    "Certificate signing requests refused, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("static metric definition"),
             registry,
         };
         // Registration fails only for duplicate names, which the definitions
         // above rule out.
-        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
             Box::new(m.xds_clients.clone()),
             Box::new(m.xds_pushes.clone()),
             Box::new(m.xds_push_duration.clone()),
@@ -89,6 +109,8 @@ impl Metrics {
             Box::new(m.config_reload_failures.clone()),
             Box::new(m.mesh_services.clone()),
             Box::new(m.mesh_endpoints.clone()),
+            Box::new(m.ca_certificates_issued.clone()),
+            Box::new(m.ca_certificates_refused.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("unique metric names");

@@ -32,15 +32,22 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub struct Mesh {
     trust_domain: String,
     services: Vec<Service>,
+    workload_tokens: Vec<WorkloadToken>,
 }
 
 impl Mesh {
     /// Checks the cross-field rules and returns the mesh, or every problem
-    /// found (not just the first).
-    pub fn new(trust_domain: String, services: Vec<Service>) -> Result<Mesh, Vec<ModelError>> {
+    /// found (not just the first). `workload_tokens` are the bootstrap tokens
+    /// workloads may present to the certificate authority (empty: none).
+    pub fn new(
+        trust_domain: String,
+        services: Vec<Service>,
+        workload_tokens: Vec<WorkloadToken>,
+    ) -> Result<Mesh, Vec<ModelError>> {
         let mesh = Mesh {
             trust_domain,
             services,
+            workload_tokens,
         };
         let errors = validate(&mesh);
         if errors.is_empty() {
@@ -55,6 +62,7 @@ impl Mesh {
         Mesh {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
             services: Vec::new(),
+            workload_tokens: Vec::new(),
         }
     }
 
@@ -71,6 +79,55 @@ impl Mesh {
     /// Looks a service up by namespace and name.
     pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
         self.services.iter().find(|s| s.key() == *key)
+    }
+
+    /// Bootstrap tokens, in source order: each lets a workload obtain a
+    /// certificate for one identity.
+    pub fn workload_tokens(&self) -> &[WorkloadToken] {
+        &self.workload_tokens
+    }
+}
+
+// === Workload tokens ===
+
+/// Shortest bootstrap token accepted, in characters.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// A bootstrap token and the one identity it proves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkloadToken {
+    /// The identity a workload presenting [`WorkloadToken::token`] gets.
+    pub identity: Identity,
+    /// The secret itself.
+    pub token: Secret,
+}
+
+/// A secret string that stays out of logs, `Debug` output and config dumps:
+/// all of them show `<redacted>`. Read it with [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
+    /// The secret, for the one place that must compare it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
     }
 }
 
@@ -643,6 +700,8 @@ fn validate(mesh: &Mesh) -> Vec<ModelError> {
         validate_service(mesh, service, &path, &mut errors);
     }
 
+    validate_tokens(&mesh.workload_tokens, &root, &mut errors);
+
     let mut vips: HashMap<(IpAddr, u16), ServiceKey> = HashMap::new();
     for (i, service) in mesh.services.iter().enumerate() {
         let Some(vip) = service.vip else { continue };
@@ -659,6 +718,45 @@ fn validate(mesh: &Mesh) -> Vec<ModelError> {
         }
     }
     errors
+}
+
+/// Messages never quote a token: they name the entry instead.
+fn validate_tokens(tokens: &[WorkloadToken], root: &FieldPath, errors: &mut Vec<ModelError>) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, entry) in tokens.iter().enumerate() {
+        let path = root.key("workload_tokens").index(i);
+        let identity = &entry.identity;
+        for (field, value) in [
+            ("namespace", &identity.namespace),
+            ("service_account", &identity.service_account),
+        ] {
+            if !is_dns_label(value) {
+                errors.push(ModelError::new(
+                    path.key(field),
+                    format!(
+                        "{value:?} is not a valid {field}: use lower-case letters, digits and '-', at most 63 characters, starting and ending with a letter or digit"
+                    ),
+                ));
+            }
+        }
+        let token = entry.token.expose();
+        let len = token.chars().count();
+        if len < MIN_TOKEN_LEN {
+            errors.push(ModelError::new(
+                path.key("token"),
+                format!(
+                    "the token has {len} characters; a bootstrap token needs at least {MIN_TOKEN_LEN} (generate one with `openssl rand -hex 32`)"
+                ),
+            ));
+        } else if let Some(first) = seen.insert(token, i) {
+            errors.push(ModelError::new(
+                path.key("token"),
+                format!(
+                    "duplicate token: workload_tokens[{first}] has the same one; each token must prove exactly one identity"
+                ),
+            ));
+        }
+    }
 }
 
 fn validate_service(
@@ -1016,7 +1114,7 @@ mod tests {
     use super::*;
 
     fn errors(services: Vec<Service>) -> Vec<String> {
-        match Mesh::new(DEFAULT_TRUST_DOMAIN.into(), services) {
+        match Mesh::new(DEFAULT_TRUST_DOMAIN.into(), services, Vec::new()) {
             Ok(_) => Vec::new(),
             Err(errors) => errors.iter().map(ToString::to_string).collect(),
         }

@@ -41,8 +41,8 @@ use super::Publisher;
 use crate::model::{
     Backend, Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TRUST_DOMAIN, DNS_SUFFIX, Endpoint,
     FieldPath, HeaderMatch, Health, Identity, LoadBalancer, Mesh, ModelError, PathMatch,
-    PathSegment, Pattern, Protocol, QueryMatch, RetryOn, RetryPolicy, Route, RouteMatch, Service,
-    ServiceKey, ServicePort, StringMatch, Subset,
+    PathSegment, Pattern, Protocol, QueryMatch, RetryOn, RetryPolicy, Route, RouteMatch, Secret,
+    Service, ServiceKey, ServicePort, StringMatch, Subset, WorkloadToken,
 };
 
 #[cfg(test)]
@@ -472,6 +472,19 @@ struct RawMesh {
     trust_domain: Option<String>,
     #[serde(default)]
     services: Vec<RawService>,
+    #[serde(default)]
+    workload_tokens: Vec<RawWorkloadToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a workload token: a mapping with `namespace`, `service_account` and `token`"
+)]
+struct RawWorkloadToken {
+    namespace: String,
+    service_account: String,
+    token: String,
 }
 
 #[derive(Deserialize)]
@@ -714,8 +727,21 @@ fn build(raw: RawMesh) -> Result<Mesh, Vec<ModelError>> {
     let trust_domain = raw
         .trust_domain
         .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
+    // The model checks the tokens (length, duplicates, names); nothing here
+    // may quote one in a message.
+    let workload_tokens = raw
+        .workload_tokens
+        .into_iter()
+        .map(|t| WorkloadToken {
+            identity: Identity {
+                namespace: t.namespace,
+                service_account: t.service_account,
+            },
+            token: Secret::new(t.token),
+        })
+        .collect();
     let mut errors = cx.errors;
-    match Mesh::new(trust_domain, services) {
+    match Mesh::new(trust_domain, services, workload_tokens) {
         Ok(mesh) if errors.is_empty() => Ok(mesh),
         Ok(_) => Err(errors),
         Err(model_errors) => {

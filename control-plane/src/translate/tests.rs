@@ -71,7 +71,7 @@ fn mesh() -> Mesh {
     let mut web = service("web", 80, Protocol::Http);
     web.routes = vec![canary, split];
     let grpc_svc = service("greeter", 9090, Protocol::Grpc);
-    Mesh::new("cluster.local".into(), vec![web, api, grpc_svc]).expect("valid mesh")
+    Mesh::new("cluster.local".into(), vec![web, api, grpc_svc], Vec::new()).expect("valid mesh")
 }
 
 fn decode<M: prost::Message + prost::Name + Default>(
@@ -143,7 +143,7 @@ fn one_cluster_per_port_and_subset_with_matching_endpoints() {
     let mut services = mesh().services().to_vec();
     services[1].endpoints[1].identity = None;
     let no_sidecar = translate(
-        &Mesh::new("cluster.local".into(), services).expect("valid"),
+        &Mesh::new("cluster.local".into(), services, Vec::new()).expect("valid"),
         &sidecar(),
     );
     let v2: ClusterLoadAssignment = decode(
@@ -168,7 +168,7 @@ fn one_cluster_per_port_and_subset_with_matching_endpoints() {
 fn h2_upstreams_get_http2_options_only_for_sidecars_and_grpc_gets_round_robin() {
     let mut m = mesh().services().to_vec();
     m[1].load_balancer = crate::model::LoadBalancer::LeastRequest;
-    let m = Mesh::new("cluster.local".into(), m).expect("valid");
+    let m = Mesh::new("cluster.local".into(), m, Vec::new()).expect("valid");
     let side = translate(&m, &sidecar());
     let g: Cluster = decode(
         &side,
@@ -360,7 +360,7 @@ fn a_short_name_used_in_two_namespaces_is_left_out() {
     let mut other = service("web", 80, Protocol::Http);
     other.namespace = "other".into();
     services.push(other);
-    let m = Mesh::new("cluster.local".into(), services).expect("valid");
+    let m = Mesh::new("cluster.local".into(), services, Vec::new()).expect("valid");
     let r = translate(&m, &sidecar());
     let rc: RouteConfiguration = decode(&r, ResourceType::Route, "80");
     let mut seen = BTreeSet::new();
@@ -385,7 +385,7 @@ fn versions_are_stable_and_change_only_where_content_does() {
     let mut services = mesh().services().to_vec();
     services[1].endpoints[0].weight = std::num::NonZeroU32::new(5).expect("5 > 0");
     let c = translate(
-        &Mesh::new("cluster.local".into(), services).expect("valid"),
+        &Mesh::new("cluster.local".into(), services, Vec::new()).expect("valid"),
         &sidecar(),
     );
     assert_eq!(

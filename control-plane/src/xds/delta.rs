@@ -222,7 +222,7 @@ mod tests {
 
     fn snapshot(services: Vec<Service>) -> Snapshot {
         Snapshot::new(
-            Arc::new(Mesh::new("cluster.local".into(), services).expect("valid")),
+            Arc::new(Mesh::new("cluster.local".into(), services, Vec::new()).expect("valid")),
             0,
         )
     }

@@ -161,7 +161,7 @@ mod tests {
     fn snapshot(endpoint_port: u16) -> Snapshot {
         let mut web = service("web", 80, Protocol::Http);
         web.endpoints[0].port = Some(endpoint_port);
-        let mesh = Mesh::new("cluster.local".into(), vec![web]).expect("valid");
+        let mesh = Mesh::new("cluster.local".into(), vec![web], Vec::new()).expect("valid");
         Snapshot::new(Arc::new(mesh), 0)
     }
 
@@ -360,7 +360,7 @@ mod tests {
         web.connect_timeout = std::time::Duration::from_secs(3);
         web.routes = vec![route("r", vec![backend("web", 1)])];
         let changed = Snapshot::new(
-            Arc::new(Mesh::new("cluster.local".into(), vec![web]).expect("valid")),
+            Arc::new(Mesh::new("cluster.local".into(), vec![web], Vec::new()).expect("valid")),
             1,
         );
         let types: Vec<String> = s

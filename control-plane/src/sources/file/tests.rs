@@ -35,6 +35,12 @@ fn the_example_parses() {
     assert_eq!(frontend.ports[0].port, 80);
     let identity = frontend.endpoints[0].identity.as_ref().expect("declared");
     assert_eq!(identity.namespace, "shop", "defaults to the service's");
+    let token_accounts: Vec<&str> = mesh
+        .workload_tokens()
+        .iter()
+        .map(|t| t.identity.service_account.as_str())
+        .collect();
+    assert_eq!(token_accounts, ["frontend", "catalog", "reviews", "ledger"]);
 
     let catalog = mesh.service(&key("catalog")).expect("catalog");
     assert_eq!(catalog.load_balancer, LoadBalancer::LeastRequest);
@@ -174,7 +180,8 @@ services:
 fn unknown_top_level_field() {
     assert_eq!(
         refused("servics: []\n"),
-        "mesh.yaml:1:1: servics: unknown field `servics`, expected `trust_domain` or `services`"
+        "mesh.yaml:1:1: servics: unknown field `servics`, expected one of `trust_domain`, \
+         `services`, `workload_tokens`"
     );
 }
 
@@ -510,6 +517,79 @@ services:
          mesh.yaml:15:14: services[0].routes[0].backends[0].service: route to a missing backend: no service ratings.shop in the mesh\n\
          mesh.yaml:16:9: services[0].routes[0].timeout: timeout \"1\" has no unit: write a number followed by ms, s, m or h, e.g. 250ms, 1.5s, 2m or 1h\n\
          mesh.yaml:17:5: services[1].name: duplicate service web.shop: already defined at services[0]"
+    );
+}
+
+// === Workload tokens ===
+
+#[test]
+fn workload_tokens_are_read() {
+    let yaml = "\
+services: []
+workload_tokens:
+  - {namespace: shop, service_account: catalog, token: catalog-0123456789abcdef}
+  - namespace: shop
+    service_account: reviews
+    token: reviews-0123456789abcdef
+";
+    let mesh = parse(Path::new("mesh.yaml"), yaml).unwrap_or_else(|e| panic!("{e}"));
+    let tokens: Vec<(&str, &str, &str)> = mesh
+        .workload_tokens()
+        .iter()
+        .map(|t| {
+            (
+                t.identity.namespace.as_str(),
+                t.identity.service_account.as_str(),
+                t.token.expose(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            ("shop", "catalog", "catalog-0123456789abcdef"),
+            ("shop", "reviews", "reviews-0123456789abcdef"),
+        ]
+    );
+    let debug = format!("{mesh:?}");
+    assert!(!debug.contains("0123456789abcdef"), "{debug}");
+    let dump = serde_json::to_string(&mesh).expect("serializes");
+    assert!(!dump.contains("0123456789abcdef"), "{dump}");
+}
+
+#[test]
+fn bad_workload_tokens_are_located_and_never_quoted() {
+    let yaml = "\
+services: []
+workload_tokens:
+  - {namespace: shop, service_account: catalog, token: short-secret}
+  - {namespace: Shop, service_account: reviews, token: reviews-0123456789abcdef}
+  - {namespace: shop, service_account: ledger, token: reviews-0123456789abcdef}
+";
+    let err = refused(yaml);
+    assert_eq!(
+        err,
+        "mesh.yaml:3:49: workload_tokens[0].token: the token has 12 characters; a bootstrap \
+         token needs at least 16 (generate one with `openssl rand -hex 32`)\n\
+         mesh.yaml:4:6: workload_tokens[1].namespace: \"Shop\" is not a valid namespace: use \
+         lower-case letters, digits and '-', at most 63 characters, starting and ending with a \
+         letter or digit\n\
+         mesh.yaml:5:48: workload_tokens[2].token: duplicate token: workload_tokens[1] has the \
+         same one; each token must prove exactly one identity"
+    );
+    assert!(!err.contains("short-secret") && !err.contains("0123456789abcdef"));
+}
+
+#[test]
+fn workload_token_entry_needs_every_field() {
+    let yaml = "\
+services: []
+workload_tokens:
+  - {namespace: shop, token: catalog-0123456789abcdef}
+";
+    assert_eq!(
+        refused(yaml),
+        "mesh.yaml:3:5: workload_tokens[0].service_account: missing field `service_account`"
     );
 }
 
