@@ -1,5 +1,5 @@
 //! The monitoring listener (default `127.0.0.1:15014`): `/metrics`,
-//! `/ready` and `/debug/syncz`.
+//! `/ready`, `/debug/syncz` and `/debug/trust-bundle`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ pub struct Admin {
     metrics: Arc<Metrics>,
     registry: Arc<SyncRegistry>,
     ready: AtomicBool,
+    trust_bundle: Option<String>,
 }
 
 impl Admin {
@@ -26,7 +27,15 @@ impl Admin {
             metrics,
             registry,
             ready: AtomicBool::new(false),
+            trust_bundle: None,
         }
+    }
+
+    /// Serves `pem` (the CA's trust bundle, public data) at
+    /// `/debug/trust-bundle`.
+    pub fn with_trust_bundle(mut self, pem: String) -> Admin {
+        self.trust_bundle = Some(pem);
+        self
     }
 
     /// Marks the control plane as serving.
@@ -57,9 +66,20 @@ impl Admin {
                 }
             }
             "/debug/syncz" => json_response(&self.registry.snapshot()),
+            "/debug/trust-bundle" => match &self.trust_bundle {
+                Some(pem) => {
+                    let mut response = text(StatusCode::OK, pem.clone());
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/x-pem-file"),
+                    );
+                    response
+                }
+                None => text(StatusCode::NOT_FOUND, "no CA configured\n"),
+            },
             "/" => text(
                 StatusCode::OK,
-                "remora-control-plane monitoring\n  /metrics      Prometheus metrics\n  /ready        200 once serving\n  /debug/syncz  per-client xDS sync status (JSON)\n",
+                "remora-control-plane monitoring\n  /metrics      Prometheus metrics\n  /ready        200 once serving\n  /debug/syncz  per-client xDS sync status (JSON)\n  /debug/trust-bundle  the CA's trust bundle (PEM)\n",
             ),
             _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
         }

@@ -34,6 +34,8 @@ pub struct Metrics {
     /// Signing requests refused, by reason (see
     /// [`crate::ca::service::RefusalReason`]).
     pub ca_certificates_refused: IntCounterVec,
+    /// TLS handshakes on the TLS listener that failed or timed out.
+    pub tls_handshake_failures: IntCounter,
 }
 
 impl Metrics {
@@ -96,11 +98,16 @@ impl Metrics {
                 &["reason"],
             )
             .expect("static metric definition"),
+            tls_handshake_failures: IntCounter::new(
+                "remora_tls_handshake_failures_total",
+                "TLS handshakes on the TLS listener that failed or timed out",
+            )
+            .expect("static metric definition"),
             registry,
         };
         // Registration fails only for duplicate names, which the definitions
         // above rule out.
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(m.xds_clients.clone()),
             Box::new(m.xds_pushes.clone()),
             Box::new(m.xds_push_duration.clone()),
@@ -111,6 +118,7 @@ impl Metrics {
             Box::new(m.mesh_endpoints.clone()),
             Box::new(m.ca_certificates_issued.clone()),
             Box::new(m.ca_certificates_refused.clone()),
+            Box::new(m.tls_handshake_failures.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("unique metric names");

@@ -1,5 +1,6 @@
 //! The whole control plane as one function: load and watch the mesh file,
-//! serve ADS and the monitoring listener, stop on SIGTERM.
+//! load or create the CA, serve ADS (plaintext), ADS and certificate signing
+//! (TLS) and the monitoring listener, stop on SIGTERM.
 //! `remora-control-plane` calls it, and so does `remora`, which runs the
 //! control plane as a child process of itself.
 
@@ -9,14 +10,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use remora_xds_proto::identity::v1::certificate_service_server::CertificateServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::Admin;
+use crate::ca::Ca;
+use crate::ca::service::{MeshTokens, SigningService};
 use crate::metrics::Metrics;
 use crate::model::Mesh;
 use crate::sources::{Publisher, file};
+use crate::tls::ServingCert;
 use crate::xds::{AdsServer, snapshot, status::SyncRegistry};
 
 /// Remora's control plane.
@@ -37,8 +42,39 @@ pub struct Args {
         default_value = "127.0.0.1:15014"
     )]
     pub monitoring_addr: SocketAddr,
+    /// Address of the TLS listener: ADS and certificate signing over TLS 1.3.
+    /// Port 0 picks a free port.
+    #[arg(long, env = "REMORA_TLS_ADDR", default_value = "127.0.0.1:15012")]
+    pub tls_addr: SocketAddr,
+    /// State directory of the embedded CA: its root is created there on
+    /// first start and reused later. Default: `$XDG_STATE_HOME/remora/ca`,
+    /// else `$HOME/.local/state/remora/ca`, else `./remora-ca`.
+    #[arg(long, env = "REMORA_CA_DIR", conflicts_with = "ca_cert")]
+    pub ca_dir: Option<PathBuf>,
+    /// An operator-given CA certificate (root or intermediate), followed by
+    /// its issuers up to the root (PEM). Needs `--ca-key`.
+    #[arg(long, env = "REMORA_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The private key of `--ca-cert` (PEM). Needs `--ca-cert`.
+    #[arg(long, env = "REMORA_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// SPIFFE trust domain of the CA. Default: the mesh file's
+    /// `trust_domain`; if both are given they must agree.
+    #[arg(long, env = "REMORA_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Lifetime of a workload certificate when the request asks for none,
+    /// in seconds; also the lifetime of the control plane's own certificate.
+    #[arg(long, env = "REMORA_LEAF_TTL", default_value_t = 86400,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub leaf_ttl: u64,
+    /// Longest workload certificate lifetime granted, in seconds; longer
+    /// requests are lowered to it.
+    #[arg(long, env = "REMORA_MAX_LEAF_TTL", default_value_t = 604800,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_leaf_ttl: u64,
     /// Once listening, write the bound addresses here as JSON
-    /// (`{"xds": "...", "monitoring": "..."}`), for use with port 0.
+    /// (`{"xds": "...", "tls": "...", "monitoring": "..."}`), for use with
+    /// port 0.
     #[arg(long)]
     pub address_file: Option<PathBuf>,
     /// Check the mesh file, print every problem, and exit.
@@ -93,15 +129,94 @@ pub fn main(args: Args) -> ExitCode {
     }
 }
 
+/// Where the embedded CA keeps its root when `--ca-dir` is not given: the
+/// per-user state directory (XDG), which survives restarts and does not
+/// depend on the directory the control plane was started from.
+pub fn default_ca_dir() -> PathBuf {
+    let xdg = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute());
+    let home = || {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .map(|h| h.join(".local").join("state"))
+    };
+    match xdg.or_else(home) {
+        Some(state) => state.join("remora").join("ca"),
+        None => PathBuf::from("remora-ca"),
+    }
+}
+
+/// The trust domain: `--trust-domain` if given, which must then agree with
+/// the mesh file's.
+fn trust_domain(args: &Args, mesh: &Mesh) -> anyhow::Result<String> {
+    match &args.trust_domain {
+        Some(flag) if flag != mesh.trust_domain() => anyhow::bail!(
+            "--trust-domain is {flag:?} but the mesh file {} has trust_domain {:?} \
+             (cluster.local when not set): make them agree, or drop --trust-domain",
+            args.config.display(),
+            mesh.trust_domain()
+        ),
+        Some(flag) => Ok(flag.clone()),
+        None => Ok(mesh.trust_domain().to_owned()),
+    }
+}
+
+/// Loads the CA the flags name.
+fn load_ca(args: &Args, trust_domain: &str) -> anyhow::Result<Ca> {
+    match (&args.ca_cert, &args.ca_key) {
+        (Some(cert), Some(key)) => Ca::from_files(cert, key, trust_domain).with_context(|| {
+            format!(
+                "cannot load the CA from --ca-cert {} and --ca-key {}",
+                cert.display(),
+                key.display()
+            )
+        }),
+        (None, None) => {
+            let dir = args.ca_dir.clone().unwrap_or_else(default_ca_dir);
+            Ca::load_or_create(&dir, trust_domain).with_context(|| {
+                format!(
+                    "cannot load or create the CA in {} (--ca-dir)",
+                    dir.display()
+                )
+            })
+        }
+        _ => anyhow::bail!("--ca-cert and --ca-key go together: give both or neither"),
+    }
+}
+
 async fn run(args: Args, mesh: Mesh) -> anyhow::Result<()> {
+    if args.leaf_ttl > args.max_leaf_ttl {
+        anyhow::bail!(
+            "--leaf-ttl ({}s) is longer than --max-leaf-ttl ({}s)",
+            args.leaf_ttl,
+            args.max_leaf_ttl
+        );
+    }
+    let leaf_ttl = std::time::Duration::from_secs(args.leaf_ttl);
+    let max_leaf_ttl = std::time::Duration::from_secs(args.max_leaf_ttl);
+    let trust_domain = trust_domain(&args, &mesh)?;
+    let ca = Arc::new(load_ca(&args, &trust_domain)?);
+    let serving_cert =
+        ServingCert::issue(ca.clone(), leaf_ttl).context("cannot set up the TLS listener")?;
+    let tls_config = Arc::new(
+        crate::tls::server_config(&ca, serving_cert.clone())
+            .context("cannot set up the TLS listener")?,
+    );
+
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(SyncRegistry::default());
     let (publisher, meshes) = Publisher::new(mesh, metrics.clone());
+    let tokens = MeshTokens::new(meshes.clone());
     let snapshots = snapshot::snapshots(meshes);
 
     let xds_listener = TcpListener::bind(args.xds_addr)
         .await
         .with_context(|| format!("cannot listen for xDS on {} (--xds-addr)", args.xds_addr))?;
+    let tls_listener = TcpListener::bind(args.tls_addr)
+        .await
+        .with_context(|| format!("cannot listen for TLS on {} (--tls-addr)", args.tls_addr))?;
     let monitoring_listener = TcpListener::bind(args.monitoring_addr)
         .await
         .with_context(|| {
@@ -111,35 +226,79 @@ async fn run(args: Args, mesh: Mesh) -> anyhow::Result<()> {
             )
         })?;
     let xds_addr = xds_listener.local_addr()?;
+    let tls_addr = tls_listener.local_addr()?;
     let monitoring_addr = monitoring_listener.local_addr()?;
 
     let watch_path = args.config.clone();
     let watcher = tokio::spawn(file::watch(watch_path, publisher));
 
-    let admin = Arc::new(Admin::new(metrics.clone(), registry.clone()));
+    let admin = Arc::new(
+        Admin::new(metrics.clone(), registry.clone()).with_trust_bundle(ca.trust_bundle_pem()),
+    );
     tokio::spawn(admin.clone().serve(monitoring_listener));
+    tokio::spawn(serving_cert.clone().renew_forever());
 
+    // One stop signal for both gRPC servers and the ADS streams.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let ads = AdsServer::new(snapshots, stop_rx, metrics, registry).into_service();
+    tokio::spawn(async move {
+        remora_runtime::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    };
+
+    let ads = AdsServer::new(snapshots, stop_rx.clone(), metrics.clone(), registry).into_service();
+    let signing = CertificateServiceServer::new(
+        SigningService::new(ca.clone(), Arc::new(tokens), &metrics)
+            .with_ttls(leaf_ttl, max_leaf_ttl),
+    );
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_service(ads.clone())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(xds_listener),
+            stopped(stop_rx.clone()),
+        );
+    let tls_incoming = crate::tls::incoming(
+        tls_listener,
+        tls_config,
+        metrics.tls_handshake_failures.clone(),
+        stop_rx.clone(),
+    );
+    let tls_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(ads)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(xds_listener), async move {
-            remora_runtime::shutdown_signal().await;
-            let _ = stop_tx.send(true);
-        });
+        .add_service(signing)
+        .serve_with_incoming_shutdown(tls_incoming, stopped(stop_rx));
     admin.set_ready();
-    tracing::info!(%xds_addr, %monitoring_addr, config = %args.config.display(), "remora-control-plane serving");
+    tracing::info!(
+        %xds_addr,
+        %tls_addr,
+        %monitoring_addr,
+        trust_domain,
+        tls_identity = serving_cert.spiffe_id(),
+        config = %args.config.display(),
+        "remora-control-plane serving"
+    );
     if let Some(path) = &args.address_file {
         remora_runtime::write_address_file(
             path,
-            &serde_json::json!({ "xds": xds_addr.to_string(), "monitoring": monitoring_addr.to_string() }),
+            &serde_json::json!({
+                "xds": xds_addr.to_string(),
+                "tls": tls_addr.to_string(),
+                "monitoring": monitoring_addr.to_string(),
+            }),
         )?;
     }
 
+    let servers = async { tokio::try_join!(server, tls_server) };
     tokio::select! {
-        result = server => result.context("xDS server failed")?,
+        result = servers => {
+            result.context("xDS server failed")?;
+        }
         result = watcher => match result {
             Ok(Ok(())) => anyhow::bail!("mesh file watcher stopped"),
             Ok(Err(e)) => anyhow::bail!("mesh file watcher failed: {e}"),

@@ -1,6 +1,7 @@
 //! A running `remora-control-plane`, started on ports chosen by the OS.
 
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,6 +25,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Deserialize)]
 struct Addresses {
     xds: SocketAddr,
+    #[serde(default)]
+    tls: Option<SocketAddr>,
     monitoring: SocketAddr,
 }
 
@@ -32,13 +35,14 @@ pub struct ControlPlane {
     child: Child,
     mesh: PathBuf,
     xds: SocketAddr,
+    tls: Option<SocketAddr>,
     monitoring: SocketAddr,
     client: HttpClient,
 }
 
 impl ControlPlane {
-    /// Starts the control plane on `mesh` with xDS and monitoring on port 0,
-    /// and waits (at most [`START_TIMEOUT`]) until it has written its
+    /// Starts the control plane on `mesh` with xDS, TLS and monitoring on
+    /// port 0 and its CA in `dir`'s `control-plane-ca`, and waits (at most [`START_TIMEOUT`]) until it has written its
     /// address file and `/ready` answers 200.
     pub async fn start(dir: &TestDir, mesh: &Path) -> Result<ControlPlane> {
         ControlPlane::start_at(dir, mesh, "127.0.0.1:0").await
@@ -47,6 +51,19 @@ impl ControlPlane {
     /// [`ControlPlane::start`] with xDS on `xds_addr`: a restart on the
     /// address a killed control plane had, so its clients reconnect.
     pub async fn start_at(dir: &TestDir, mesh: &Path, xds_addr: &str) -> Result<ControlPlane> {
+        ControlPlane::start_with(dir, mesh, xds_addr, &[]).await
+    }
+
+    /// [`ControlPlane::start_at`] with more command-line arguments, passed
+    /// last. Unless they name the CA (`--ca-dir`, `--ca-cert`), the CA lives
+    /// in `dir`'s `control-plane-ca`, so a restart in the same test keeps its
+    /// root.
+    pub async fn start_with(
+        dir: &TestDir,
+        mesh: &Path,
+        xds_addr: &str,
+        extra_args: &[OsString],
+    ) -> Result<ControlPlane> {
         let bin = workspace::control_plane_binary()?;
         let address_file = dir.unique_file("control-plane-addresses", "json");
         let mut cmd = Command::new(&bin);
@@ -54,8 +71,16 @@ impl ControlPlane {
             .arg(mesh)
             .args(["--xds-addr", xds_addr])
             .args(["--monitoring-addr", "127.0.0.1:0"])
+            .args(["--tls-addr", "127.0.0.1:0"])
             .arg("--address-file")
             .arg(&address_file);
+        let names_ca = extra_args
+            .iter()
+            .any(|a| [OsStr::new("--ca-dir"), OsStr::new("--ca-cert")].contains(&a.as_os_str()));
+        if !names_ca {
+            cmd.arg("--ca-dir").arg(dir.file("control-plane-ca"));
+        }
+        cmd.args(extra_args);
         if std::env::var_os("REMORA_LOG").is_none() {
             // Its `--log` filter; set REMORA_LOG to choose another.
             cmd.env("REMORA_LOG", "info,remora_control_plane=debug");
@@ -91,6 +116,7 @@ impl ControlPlane {
             child,
             mesh: mesh.to_path_buf(),
             xds: addrs.xds,
+            tls: addrs.tls,
             monitoring: addrs.monitoring,
             client,
         })
@@ -99,6 +125,18 @@ impl ControlPlane {
     /// The ADS (xDS gRPC) address.
     pub fn xds_addr(&self) -> SocketAddr {
         self.xds
+    }
+
+    /// The TLS listener's address (ADS and certificate signing); fails if
+    /// the address file did not name one.
+    pub fn tls_addr(&self) -> Result<SocketAddr> {
+        self.tls
+            .context("the control plane's address file has no \"tls\" address")
+    }
+
+    /// `GET /debug/trust-bundle`: the CA's roots, PEM.
+    pub async fn trust_bundle_pem(&self) -> Result<String> {
+        self.get("/debug/trust-bundle").await
     }
 
     /// The monitoring HTTP address.

@@ -7,7 +7,8 @@
 //! published [`Mesh`]; a Kubernetes TokenReview authenticator will plug in
 //! the same way.
 //!
-//! Served in plaintext for now; the TLS listener comes later.
+//! Served on the TLS listener (see [`crate::tls`]); a caller that presents
+//! a client certificate is logged with its SPIFFE ID.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,6 +25,7 @@ use tonic::{Request, Response, Status};
 use super::{Ca, CaError, CsrError, DEFAULT_LEAF_TTL, SignedLeaf, pem_encode};
 use crate::metrics::Metrics;
 use crate::model::{Identity, Mesh};
+use crate::tls::TlsPeer;
 
 #[cfg(test)]
 mod tests;
@@ -311,7 +313,11 @@ impl SigningService {
 #[tonic::async_trait]
 impl CertificateService for SigningService {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let peer = request.remote_addr();
+        let tls_peer = request.extensions().get::<TlsPeer>().cloned();
+        let peer = request
+            .remote_addr()
+            .or_else(|| tls_peer.as_ref().and_then(|p| p.remote_addr));
+        let peer_id = tls_peer.and_then(|p| p.spiffe_id);
         match SigningService::sign(self, request).await {
             Ok(response) => {
                 self.metrics.issued.inc();
@@ -322,6 +328,7 @@ impl CertificateService for SigningService {
                 // The status message never holds the token.
                 tracing::info!(
                     peer = ?peer,
+                    peer_spiffe_id = ?peer_id,
                     reason = reason.as_str(),
                     message = status.message(),
                     "refused a certificate signing request"
