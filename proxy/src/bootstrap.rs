@@ -11,6 +11,9 @@ use remora_xds_proto::pb::google::protobuf::{Struct, Value, value::Kind};
 use serde::Serialize;
 
 use crate::config::AppProtocol;
+use crate::identity::client::TokenSource;
+use crate::identity::{SpiffeId, SpiffeIdError, TrustDomain};
+use crate::tls::TrustBundle;
 
 /// remora-proxy: the Remora sidecar.
 #[derive(Debug, Clone, Parser, Serialize)]
@@ -32,6 +35,21 @@ pub struct Bootstrap {
     /// The control plane's xDS address (host:port).
     #[arg(long, env = "REMORA_CONTROL_PLANE", default_value = "127.0.0.1:15010")]
     pub control_plane: String,
+    /// The control plane's certificate authority (TLS, host:port): where
+    /// the workload certificate is asked for.
+    #[arg(long, env = "REMORA_CA_ADDR", default_value = "127.0.0.1:15012")]
+    pub ca_addr: String,
+    /// PEM file with the mesh's root certificate(s), which the control
+    /// plane's certificate must chain to (distributed by the operator).
+    #[arg(long, env = "REMORA_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// File holding the bearer token that proves the workload's identity to
+    /// the CA; read again at every request, so it can be rotated.
+    #[arg(long, env = "REMORA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = "REMORA_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
     /// Outbound listener: where the application sends its requests.
     #[arg(long, env = "REMORA_OUTBOUND_ADDR", default_value = "127.0.0.1:15001")]
     pub outbound_addr: SocketAddr,
@@ -123,6 +141,34 @@ impl Bootstrap {
             }),
             ..Default::default()
         }
+    }
+
+    /// The workload's SPIFFE ID, from `--trust-domain`, `--namespace` and
+    /// `--service-account`.
+    pub fn workload_id(&self) -> Result<SpiffeId, SpiffeIdError> {
+        SpiffeId::parse(&format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        ))
+    }
+
+    /// Where the CA bearer token comes from (`--token-file`), if given.
+    pub fn token_source(&self) -> Option<TokenSource> {
+        self.token_file.clone().map(TokenSource::File)
+    }
+
+    /// The roots the control plane's certificate must chain to, read from
+    /// `--ca-bundle`, if given.
+    pub fn ca_trust_bundle(&self) -> anyhow::Result<Option<TrustBundle>> {
+        let Some(path) = &self.ca_bundle else {
+            return Ok(None);
+        };
+        let trust_domain = TrustDomain::new(&self.trust_domain)?;
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read --ca-bundle {}: {e}", path.display()))?;
+        let bundle = TrustBundle::from_pem(trust_domain, &pem)
+            .map_err(|e| anyhow::anyhow!("--ca-bundle {}: {e}", path.display()))?;
+        Ok(Some(bundle))
     }
 
     /// The control plane as a URI.

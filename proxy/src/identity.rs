@@ -19,6 +19,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
+pub mod client;
+pub mod renew;
 #[cfg(test)]
 mod tests;
 
@@ -386,9 +388,19 @@ impl Credentials {
     }
 
     /// When to ask the CA for new credentials: half-way through the
-    /// lifetime, plus the jitter given at construction.
+    /// lifetime, plus the jitter given at construction (or the time set by
+    /// [`Credentials::with_renew_at`]).
     pub fn renew_at(&self) -> OffsetDateTime {
         self.renew_at
+    }
+
+    /// The same credentials with another renewal time, kept inside the
+    /// validity period. The renewal loop uses it to count the lifetime from
+    /// when the certificate was asked for rather than from `notBefore`,
+    /// which CAs backdate for clock skew.
+    pub fn with_renew_at(mut self, renew_at: OffsetDateTime) -> Self {
+        self.renew_at = renew_at.clamp(self.not_before, self.expires_at);
+        self
     }
 }
 

@@ -7,11 +7,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use arc_swap::ArcSwap;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// Which side of the proxy a request or connection is on.
@@ -70,6 +73,12 @@ pub struct Metrics {
     pub xds_nacks: IntCounterVec,
     /// Reconnects to the control plane.
     pub xds_reconnects: IntCounter,
+    /// Seconds until the workload certificate expires, computed when scraped.
+    pub certificate_expiry: CertificateExpiry,
+    /// Certificates obtained from the CA (the first one included).
+    pub certificate_renewals: IntCounter,
+    /// Failed requests for a certificate, by reason.
+    pub certificate_renewal_failures: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -112,6 +121,13 @@ impl Metrics {
             "Connections to the control plane after the first",
         ));
         must(registry.register(Box::new(xds_reconnects.clone())));
+        let certificate_expiry = CertificateExpiry::new();
+        must(registry.register(Box::new(certificate_expiry.clone())));
+        let certificate_renewals = must(IntCounter::new(
+            "remora_proxy_certificate_renewals_total",
+            "Workload certificates obtained from the CA, the first one included",
+        ));
+        must(registry.register(Box::new(certificate_renewals.clone())));
         Metrics {
             requests: counter(
                 "remora_proxy_requests_total",
@@ -177,6 +193,13 @@ impl Metrics {
                 &["type"],
             ),
             xds_reconnects,
+            certificate_expiry,
+            certificate_renewals,
+            certificate_renewal_failures: counter(
+                "remora_proxy_certificate_renewal_failures_total",
+                "Failed requests for a workload certificate, by reason",
+                &["reason"],
+            ),
             registry,
         }
     }
@@ -208,6 +231,62 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// `remora_proxy_certificate_expiry_seconds`: seconds until the current
+/// workload certificate expires (negative once it has), computed at each
+/// scrape. Absent until a certificate has been obtained.
+#[derive(Debug, Clone)]
+pub struct CertificateExpiry {
+    gauge: Gauge,
+    /// `notAfter` as Unix seconds; `i64::MIN` while there is none.
+    expires_at: Arc<AtomicI64>,
+}
+
+impl CertificateExpiry {
+    fn new() -> Self {
+        Self {
+            gauge: must(Gauge::new(
+                "remora_proxy_certificate_expiry_seconds",
+                "Seconds until the workload certificate expires",
+            )),
+            expires_at: Arc::new(AtomicI64::new(i64::MIN)),
+        }
+    }
+
+    /// Records the `notAfter` of the certificate now in use.
+    pub fn set_expires_at(&self, expires_at: time::OffsetDateTime) {
+        self.expires_at
+            .store(expires_at.unix_timestamp(), Ordering::Relaxed);
+    }
+
+    /// Seconds until expiry, if there is a certificate.
+    pub fn seconds_left(&self) -> Option<f64> {
+        let at = self.expires_at.load(Ordering::Relaxed);
+        if at == i64::MIN {
+            return None;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        Some(at as f64 - now)
+    }
+}
+
+impl Collector for CertificateExpiry {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        match self.seconds_left() {
+            Some(left) => {
+                self.gauge.set(left);
+                self.gauge.collect()
+            }
+            None => Vec::new(),
+        }
     }
 }
 
