@@ -10,19 +10,19 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt as _;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use remora_proxy::identity::{SpiffeId, TrustDomain};
+use remora_proxy::tls::{SpiffeVerifier, TrustBundle, server_name_for};
 use remora_tests::{ControlPlane, TestDir, workspace};
 use remora_xds_proto::identity::v1::SignRequest;
 use remora_xds_proto::identity::v1::certificate_service_client::CertificateServiceClient;
 use remora_xds_proto::pb::envoy::config::core::v3::Node;
 use remora_xds_proto::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use remora_xds_proto::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::verify_server_cert_signed_by_trust_anchor;
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{ClientConfig, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tonic::transport::{Channel, Endpoint};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -61,90 +61,17 @@ fn roots_of(bundle_pem: &str) -> Result<Arc<RootCertStore>> {
     Ok(Arc::new(roots))
 }
 
-/// Verifies the server's chain against the bundle (webpki, no DNS name
-/// check) and requires its only URI SAN to be `expected`.
-#[derive(Debug)]
-struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-    expected: String,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        let sans = uri_sans(end_entity).map_err(|e| Error::General(e.to_string()))?;
-        if sans != [self.expected.clone()] {
-            return Err(Error::General(format!(
-                "the control plane presented URI SANs {sans:?}, expected only {}",
-                self.expected
-            )));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// A TLS 1.3 client config trusting `bundle_pem` for the control plane's
 /// identity, with an optional client certificate.
 fn client_config(
     bundle_pem: &str,
     client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Arc<ClientConfig>> {
-    let provider = provider();
-    let verifier = SpiffeServerVerifier {
-        roots: roots_of(bundle_pem)?,
-        provider: provider.clone(),
-        expected: CONTROL_PLANE_ID.to_owned(),
-    };
-    let builder = ClientConfig::builder_with_provider(provider)
+    // The proxy's own SPIFFE verifier: chain against the bundle, then the
+    // expected identity, which rides in the server name (`tls_channel`).
+    let bundle = TrustBundle::from_pem(TrustDomain::new("cluster.local")?, bundle_pem)?;
+    let verifier = SpiffeVerifier::new(bundle)?;
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
@@ -162,9 +89,8 @@ async fn tls_channel(addr: SocketAddr, config: Arc<ClientConfig>) -> Result<Chan
         let config = config.clone();
         async move {
             let tcp = tokio::net::TcpStream::connect(addr).await?;
-            // The verifier checks the SPIFFE ID, not this name.
-            let name = ServerName::try_from("control-plane.remora.invalid")
-                .map_err(std::io::Error::other)?;
+            let expected: SpiffeId = CONTROL_PLANE_ID.parse().map_err(std::io::Error::other)?;
+            let name = server_name_for(&expected);
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await?;
