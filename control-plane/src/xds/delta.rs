@@ -13,7 +13,7 @@ use remora_xds_proto::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as PbResource,
 };
 
-use super::status::{Nack, TypeStatus, unix_now};
+use super::status::TypeStatus;
 use super::{Outcome, StreamCore, StreamError, StreamMachine};
 use crate::translate::{ResourceType, Resources};
 use crate::xds::snapshot::Snapshot;
@@ -75,18 +75,10 @@ impl StreamMachine for DeltaStream {
             if let Some((nonce, version)) = acked {
                 // Responses are answered in order; older ones are settled.
                 state.pending.retain(|&n, _| n > nonce);
-                match &request.error_detail {
-                    Some(detail) => {
-                        state.status.nacks += 1;
-                        state.status.last_nack = Some(Nack {
-                            version,
-                            message: detail.message.clone(),
-                            at: unix_now(),
-                        });
-                        outcome.nack = Some((ty, detail.message.clone()));
-                    }
-                    None => state.status.acked_version = Some(version),
-                }
+                outcome.nack = state
+                    .status
+                    .record_answer(version, request.error_detail.as_ref())
+                    .map(|message| (ty, message));
             }
         }
         for name in request.resource_names_subscribe {

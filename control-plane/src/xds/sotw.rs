@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use remora_xds_proto::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::status::{Nack, TypeStatus, unix_now};
+use super::status::TypeStatus;
 use super::{Outcome, StreamCore, StreamError, StreamMachine};
 use crate::translate::{ResourceType, Resources};
 use crate::xds::snapshot::Snapshot;
@@ -61,18 +61,10 @@ impl StreamMachine for SotwStream {
             return Ok(outcome);
         }
         if !request.response_nonce.is_empty() {
-            match &request.error_detail {
-                Some(detail) => {
-                    state.status.nacks += 1;
-                    state.status.last_nack = Some(Nack {
-                        version: request.version_info.clone(),
-                        message: detail.message.clone(),
-                        at: unix_now(),
-                    });
-                    outcome.nack = Some((ty, detail.message.clone()));
-                }
-                None => state.status.acked_version = Some(request.version_info.clone()),
-            }
+            outcome.nack = state
+                .status
+                .record_answer(request.version_info.clone(), request.error_detail.as_ref())
+                .map(|message| (ty, message));
         }
 
         let names: BTreeSet<String> = request.resource_names.into_iter().collect();

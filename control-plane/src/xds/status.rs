@@ -43,6 +43,33 @@ pub struct TypeStatus {
     pub last_nack: Option<Nack>,
 }
 
+impl TypeStatus {
+    /// Records the client's answer to a response that brought it to
+    /// `version`: an ACK, or (with `error_detail`) a NACK, whose message is
+    /// returned so the caller can log and count it.
+    pub fn record_answer(
+        &mut self,
+        version: String,
+        error_detail: Option<&remora_xds_proto::pb::google::rpc::Status>,
+    ) -> Option<String> {
+        match error_detail {
+            Some(detail) => {
+                self.nacks += 1;
+                self.last_nack = Some(Nack {
+                    version,
+                    message: detail.message.clone(),
+                    at: unix_now(),
+                });
+                Some(detail.message.clone())
+            }
+            None => {
+                self.acked_version = Some(version);
+                None
+            }
+        }
+    }
+}
+
 /// A rejected response, as the client described it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Nack {
