@@ -133,9 +133,10 @@ pub struct Route {
     pub matcher: RouteMatch,
     /// Where it goes and under which policy.
     pub action: RouteAction,
-    /// Metric handles, resolved at compile time.
+    /// Metric handles, resolved at compile time; shared, so a response
+    /// holds them with one reference count.
     #[serde(skip)]
-    pub metrics: RouteMetrics,
+    pub metrics: Arc<RouteMetrics>,
 }
 
 /// Precompiled request match.

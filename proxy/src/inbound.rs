@@ -32,7 +32,7 @@ pub struct Inbound {
     default_protocol: AppProtocol,
     pool: Pool,
     metrics: Arc<Metrics>,
-    route: RouteMetrics,
+    route: Arc<RouteMetrics>,
     in_flight: IntGauge,
 }
 
@@ -49,7 +49,7 @@ impl Inbound {
             app,
             default_protocol,
             pool: Pool::default(),
-            route: metrics.route(Direction::Inbound, service, "inbound"),
+            route: Arc::new(metrics.route(Direction::Inbound, service, "inbound")),
             in_flight: metrics
                 .in_flight
                 .with_label_values(&[Direction::Inbound.as_str()]),

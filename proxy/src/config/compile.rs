@@ -572,9 +572,11 @@ fn build_table(
                     metrics: r
                         .metrics
                         .get_or_init(|| {
-                            state
-                                .metrics
-                                .route(Direction::Outbound, &vh.service, &r.label)
+                            Arc::new(state.metrics.route(
+                                Direction::Outbound,
+                                &vh.service,
+                                &r.label,
+                            ))
                         })
                         .clone(),
                 })

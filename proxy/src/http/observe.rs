@@ -3,6 +3,7 @@
 //! endpoint's in-flight count drops, when the body is finished or dropped.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -17,7 +18,7 @@ use crate::upstream::{Body, BoxError};
 /// Wraps a response body; counts the request once, at its end.
 pub struct Observed {
     inner: Body,
-    metrics: RouteMetrics,
+    metrics: Arc<RouteMetrics>,
     status: u16,
     grpc_status: Option<u32>,
     _in_flight: Option<InFlight>,
@@ -29,7 +30,7 @@ impl Observed {
     /// its headers) `grpc_status`.
     pub fn new(
         inner: Body,
-        metrics: RouteMetrics,
+        metrics: Arc<RouteMetrics>,
         status: u16,
         grpc_status: Option<u32>,
         in_flight: Option<InFlight>,

@@ -8,7 +8,7 @@
 #![allow(deprecated)]
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::HeaderName;
@@ -73,7 +73,7 @@ pub(super) struct RouteSpec {
     pub(super) retry: Option<RetrySpec>,
     /// Metric handles, resolved on the first assembly and kept while the
     /// route configuration does not change.
-    pub(super) metrics: OnceLock<RouteMetrics>,
+    pub(super) metrics: OnceLock<Arc<RouteMetrics>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
