@@ -171,6 +171,8 @@ pub struct Service {
     pub load_balancer: LoadBalancer,
     /// Time allowed to open a connection to an endpoint.
     pub connect_timeout: Duration,
+    /// What the service's sidecars accept on their inbound listener.
+    pub mtls: MtlsMode,
     /// Named label selectors over the endpoints, for routing to a version.
     pub subsets: Vec<Subset>,
     /// The instances that serve this service.
@@ -271,6 +273,19 @@ pub enum LoadBalancer {
     RoundRobin,
     /// Least outstanding requests, power of two choices, weighted.
     LeastRequest,
+}
+
+/// What a service's sidecars accept from callers (Istio's
+/// `PeerAuthentication` modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Mutual TLS only: a caller without a mesh certificate is refused.
+    #[default]
+    Strict,
+    /// Mutual TLS or plaintext, so that callers outside the mesh still get
+    /// through while a service is being migrated.
+    Permissive,
 }
 
 /// A named subset of a service's endpoints, chosen by labels.
@@ -1079,6 +1094,7 @@ pub(crate) mod fixtures {
             }],
             load_balancer: LoadBalancer::RoundRobin,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            mtls: MtlsMode::Strict,
             subsets: Vec::new(),
             endpoints: vec![endpoint([127, 0, 0, 1], 9000)],
             routes: Vec::new(),

@@ -40,7 +40,7 @@ use yaml_rust2::scanner::Marker;
 use super::Publisher;
 use crate::model::{
     Backend, Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TRUST_DOMAIN, DNS_SUFFIX, Endpoint,
-    FieldPath, HeaderMatch, Health, Identity, LoadBalancer, Mesh, ModelError, PathMatch,
+    FieldPath, HeaderMatch, Health, Identity, LoadBalancer, Mesh, ModelError, MtlsMode, PathMatch,
     PathSegment, Pattern, Protocol, QueryMatch, RetryOn, RetryPolicy, Route, RouteMatch, Secret,
     Service, ServiceKey, ServicePort, StringMatch, Subset, WorkloadToken,
 };
@@ -498,6 +498,7 @@ struct RawService {
     vip: Option<String>,
     load_balancer: Option<RawLoadBalancer>,
     connect_timeout: Option<String>,
+    mtls: Option<RawMtlsMode>,
     ports: Vec<RawPort>,
     #[serde(default)]
     subsets: Vec<RawSubset>,
@@ -512,6 +513,13 @@ struct RawService {
 enum RawLoadBalancer {
     RoundRobin,
     LeastRequest,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "UPPERCASE", expecting = "STRICT or PERMISSIVE")]
+enum RawMtlsMode {
+    Strict,
+    Permissive,
 }
 
 #[derive(Deserialize)]
@@ -840,6 +848,10 @@ impl Convert {
                 Some(RawLoadBalancer::LeastRequest) => LoadBalancer::LeastRequest,
             },
             connect_timeout,
+            mtls: match raw.mtls {
+                None | Some(RawMtlsMode::Strict) => MtlsMode::Strict,
+                Some(RawMtlsMode::Permissive) => MtlsMode::Permissive,
+            },
             subsets,
             endpoints,
             routes,

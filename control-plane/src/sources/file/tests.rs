@@ -229,6 +229,42 @@ services:
 }
 
 #[test]
+fn mtls_mode_defaults_to_strict_and_takes_the_uppercase_words() {
+    let yaml = "\
+services:
+  - name: web
+    ports: [{port: 80, protocol: http}]
+  - name: api
+    mtls: PERMISSIVE
+    ports: [{port: 80, protocol: http}]
+  - name: db
+    mtls: STRICT
+    ports: [{port: 80, protocol: http}]
+";
+    let mesh = parse(Path::new("mesh.yaml"), yaml).expect("valid");
+    let modes: Vec<MtlsMode> = mesh.services().iter().map(|s| s.mtls).collect();
+    assert_eq!(
+        modes,
+        [MtlsMode::Strict, MtlsMode::Permissive, MtlsMode::Strict]
+    );
+}
+
+#[test]
+fn a_wrong_mtls_mode_is_refused_with_its_place() {
+    let yaml = "\
+services:
+  - name: web
+    mtls: permissive
+    ports: [{port: 80, protocol: http}]
+";
+    assert_eq!(
+        refused(yaml),
+        "mesh.yaml:3:11: services[0].mtls: unknown variant `permissive`, expected `STRICT` or \
+         `PERMISSIVE`"
+    );
+}
+
+#[test]
 fn duplicate_service() {
     let yaml = "\
 services:
