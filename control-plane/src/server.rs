@@ -58,6 +58,11 @@ pub struct Args {
     /// The private key of `--ca-cert` (PEM). Needs `--ca-cert`.
     #[arg(long, env = "REMORA_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
+    /// Extra roots to trust (PEM, one or more CA certificates), for a root
+    /// rotation: they join the trust bundle (SDS `ROOTCA`,
+    /// `/debug/trust-bundle`, the signing API's bundle) but never sign.
+    #[arg(long, env = "REMORA_CA_EXTRA_ROOTS")]
+    pub ca_extra_roots: Option<PathBuf>,
     /// SPIFFE trust domain of the CA. Default: the mesh file's
     /// `trust_domain`; if both are given they must agree.
     #[arg(long, env = "REMORA_TRUST_DOMAIN")]
@@ -163,8 +168,28 @@ fn trust_domain(args: &Args, mesh: &Mesh) -> anyhow::Result<String> {
     }
 }
 
-/// Loads the CA the flags name.
+/// Loads the CA the flags name, with the extra roots of
+/// `--ca-extra-roots` in its trust bundle.
 fn load_ca(args: &Args, trust_domain: &str) -> anyhow::Result<Ca> {
+    let ca = load_signing_ca(args, trust_domain)?;
+    let Some(path) = &args.ca_extra_roots else {
+        return Ok(ca);
+    };
+    let pem = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read the extra trusted roots {} (--ca-extra-roots)",
+            path.display()
+        )
+    })?;
+    ca.with_additional_roots(&pem).with_context(|| {
+        format!(
+            "the extra trusted roots {} (--ca-extra-roots) are not usable",
+            path.display()
+        )
+    })
+}
+
+fn load_signing_ca(args: &Args, trust_domain: &str) -> anyhow::Result<Ca> {
     match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => Ca::from_files(cert, key, trust_domain).with_context(|| {
             format!(
@@ -307,4 +332,70 @@ async fn run(args: Args, mesh: Mesh) -> anyhow::Result<()> {
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("remora-server-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    fn args(ca_dir: &std::path::Path, extra: &std::path::Path) -> Args {
+        Args::try_parse_from([
+            "remora-control-plane".as_ref(),
+            "--config".as_ref(),
+            "mesh.yaml".as_ref(),
+            "--ca-dir".as_ref(),
+            ca_dir.as_os_str(),
+            "--ca-extra-roots".as_ref(),
+            extra.as_os_str(),
+        ])
+        .expect("valid flags")
+    }
+
+    #[test]
+    fn extra_roots_join_the_bundle_but_do_not_sign() {
+        let dir = temp_dir("extra-roots");
+        let other = Ca::load_or_create(&dir.join("other"), "cluster.local").expect("other CA");
+        let extra = dir.join("extra.pem");
+        std::fs::write(&extra, other.trust_bundle_pem()).expect("write");
+        let ca = load_ca(&args(&dir.join("ca"), &extra), "cluster.local").expect("loads");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(ca.trust_bundle().len(), 2);
+        assert!(ca.trust_bundle_pem().ends_with(&other.trust_bundle_pem()));
+        assert_ne!(
+            ca.trust_bundle()[0],
+            other.trust_bundle()[0],
+            "the own root still comes first and signs"
+        );
+    }
+
+    #[test]
+    fn unusable_extra_roots_name_the_file_and_the_reason() {
+        let dir = temp_dir("bad-extra-roots");
+        let extra = dir.join("extra.pem");
+        std::fs::write(&extra, "not a certificate").expect("write");
+        let err = load_ca(&args(&dir.join("ca"), &extra), "cluster.local")
+            .expect_err("refused")
+            .to_string();
+        let missing = load_ca(
+            &args(&dir.join("ca"), &dir.join("missing.pem")),
+            "cluster.local",
+        )
+        .expect_err("refused")
+        .to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            err.contains("extra.pem") && err.contains("--ca-extra-roots"),
+            "{err}"
+        );
+        assert!(missing.contains("missing.pem"), "{missing}");
+    }
 }
