@@ -249,9 +249,22 @@ async fn start(
         ("catalog-v1", "catalog", v1_app),
         ("catalog-v2", "catalog", v2_app),
     ];
+    // Each sidecar proves its identity to the CA with the token the mesh
+    // file declares for it, and checks the control plane against the root
+    // the control plane created in its state directory.
+    let root = dir.join("ca").join("root-cert.pem");
     let mut started = Vec::new();
     for (name, service, app) in apps {
         let addr_file = dir.join(format!("sidecar-{name}.addr.json"));
+        let token_file = dir.join(format!("sidecar-{name}.token"));
+        let token = mesh::token_for(mesh_text, "shop", service).with_context(|| {
+            format!(
+                "{mesh_source} declares no workload_tokens entry for namespace shop, \
+                 service account {service}: the {name} sidecar could not get a certificate"
+            )
+        })?;
+        std::fs::write(&token_file, token)
+            .with_context(|| format!("cannot write {}", token_file.display()))?;
         let sidecar_args: Vec<OsString> = vec![
             "proxy".into(),
             "--node-id".into(),
@@ -263,7 +276,11 @@ async fn start(
             "--service-account".into(),
             service.into(),
             "--control-plane".into(),
-            control_plane.xds.to_string().into(),
+            control_plane.tls.to_string().into(),
+            "--ca-bundle".into(),
+            root.clone().into(),
+            "--token-file".into(),
+            token_file.into(),
             "--outbound-addr".into(),
             "127.0.0.1:0".into(),
             "--inbound-addr".into(),
@@ -409,8 +426,8 @@ fn print_header(args: &Args, mesh: &Running, mesh_source: &str) {
         mesh.mesh_file.display()
     ));
     out.push_str(&format!(
-        "  control plane  xDS {}  http://{}/debug/syncz  http://{}/metrics\n",
-        cp.xds, cp.monitoring, cp.monitoring
+        "  control plane  xDS and CA (mTLS) {}  http://{}/debug/syncz  http://{}/metrics\n",
+        cp.tls, cp.monitoring, cp.monitoring
     ));
     for (name, app, addrs) in &mesh.sidecars {
         out.push_str(&format!(

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::bootstrap::Bootstrap;
 use crate::config::ConfigStore;
 use crate::metrics::Metrics;
+use crate::tls::TlsContext;
 use crate::xds::XdsStatus;
 
 /// Changes the log filter at runtime; returns an error naming what is wrong.
@@ -30,6 +31,11 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Log level changes.
     pub set_log_level: SetLogLevel,
+    /// The mTLS context, once the first certificate arrived; stays empty
+    /// when the proxy runs without identity (`identity_expected` false).
+    pub tls: Arc<std::sync::OnceLock<Arc<TlsContext>>>,
+    /// True when the proxy waits for a workload certificate.
+    pub identity_expected: bool,
 }
 
 impl Admin {
@@ -47,7 +53,12 @@ impl Admin {
             (&Method::GET, "/metrics") => metrics_response(self.metrics.registry()),
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") => {
-                if self.store.is_ready() {
+                if self.identity_expected && self.tls.get().is_none() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: waiting for the workload certificate from the control plane\n",
+                    )
+                } else if self.store.is_ready() {
                     text(StatusCode::OK, "ready\n")
                 } else {
                     text(
@@ -62,6 +73,15 @@ impl Admin {
                     "listening": &self.listening,
                     "xds": self.xds.snapshot(),
                     "ready": self.store.is_ready(),
+                    "identity": self.tls.get().map(|tls| {
+                        let current = tls.resolver().current();
+                        serde_json::json!({
+                            "spiffe_id": current.id().to_string(),
+                            "expires_at": current.expires_at().to_string(),
+                            "renew_at": current.renew_at().to_string(),
+                            "trust_bundle_roots": tls.root_count(),
+                        })
+                    }),
                     "config": self.store.load().as_ref(),
                 });
                 json_response(&dump)

@@ -127,6 +127,7 @@ mod tests {
             },
             outstanding: AtomicUsize::new(0),
             pool: Pool::default(),
+            server_name: None,
         })
     }
 

@@ -32,15 +32,19 @@ pub struct Bootstrap {
     /// Service account of the workload identity.
     #[arg(long, env = "REMORA_SERVICE_ACCOUNT", default_value = "default")]
     pub service_account: String,
-    /// The control plane's xDS address (host:port).
-    #[arg(long, env = "REMORA_CONTROL_PLANE", default_value = "127.0.0.1:15010")]
+    /// The control plane's xDS address (host:port). With `--ca-bundle`
+    /// (mTLS on) this is its TLS port; without, a plaintext xDS server.
+    #[arg(long, env = "REMORA_CONTROL_PLANE", default_value = "127.0.0.1:15012")]
     pub control_plane: String,
     /// The control plane's certificate authority (TLS, host:port): where
-    /// the workload certificate is asked for.
-    #[arg(long, env = "REMORA_CA_ADDR", default_value = "127.0.0.1:15012")]
-    pub ca_addr: String,
+    /// the workload certificate is asked for. Default: `--control-plane`.
+    #[arg(long, env = "REMORA_CA_ADDR")]
+    pub ca_addr: Option<String>,
     /// PEM file with the mesh's root certificate(s), which the control
     /// plane's certificate must chain to (distributed by the operator).
+    /// Turns mTLS on: without it the proxy runs with no identity, speaks
+    /// plaintext to everything and says so in its log (for tests against
+    /// other xDS servers, never for production).
     #[arg(long, env = "REMORA_CA_BUNDLE")]
     pub ca_bundle: Option<PathBuf>,
     /// File holding the bearer token that proves the workload's identity to
@@ -104,6 +108,7 @@ impl From<AppProtocolArg> for AppProtocol {
 
 /// Node metadata keys the control plane reads.
 const META_OUTBOUND_LISTENER: &str = "REMORA_OUTBOUND_LISTENER";
+const META_INBOUND_LISTENER: &str = "REMORA_INBOUND_LISTENER";
 const META_NAMESPACE: &str = "NAMESPACE";
 const META_SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
 
@@ -115,9 +120,14 @@ impl Bootstrap {
             .unwrap_or_else(|| format!("{}-{}", self.service, std::process::id()))
     }
 
-    /// The node descriptor sent on the xDS stream. `outbound` is the bound
-    /// outbound address.
-    pub fn node(&self, outbound: SocketAddr) -> Node {
+    /// The CA's address: `--ca-addr`, else `--control-plane`.
+    pub fn ca_addr(&self) -> &str {
+        self.ca_addr.as_deref().unwrap_or(&self.control_plane)
+    }
+
+    /// The node descriptor sent on the xDS stream: `outbound` and
+    /// `inbound` are the bound listener addresses.
+    pub fn node(&self, outbound: SocketAddr, inbound: Option<SocketAddr>) -> Node {
         let string = |s: String| Value {
             kind: Some(Kind::StringValue(s)),
         };
@@ -137,7 +147,12 @@ impl Bootstrap {
                         string(self.service_account.clone()),
                     ),
                 ]
-                .into(),
+                .into_iter()
+                .chain(
+                    inbound
+                        .map(|addr| (META_INBOUND_LISTENER.to_string(), string(addr.to_string()))),
+                )
+                .collect(),
             }),
             ..Default::default()
         }

@@ -25,7 +25,10 @@ use arc_swap::ArcSwap;
 use http::HeaderName;
 use serde::Serialize;
 
+use rustls_pki_types::ServerName;
+
 use crate::http::retry::RetryBudget;
+use crate::identity::SpiffeId;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::{Clients, Pool};
 
@@ -41,6 +44,23 @@ pub struct Config {
     /// Every cluster by name.
     #[serde(serialize_with = "serialize_cluster_names")]
     pub clusters: BTreeMap<String, Arc<Cluster>>,
+    /// Whether the inbound port also takes plaintext (listener `inbound`).
+    pub inbound_mode: InboundMode,
+    /// The mesh's roots (PEM), from the SDS secret `ROOTCA`, when sent.
+    pub trust_bundle_pem: Option<Arc<str>>,
+}
+
+/// What the inbound port accepts, per the control plane's `inbound`
+/// listener: a TLS filter chain only (STRICT), or also a `raw_buffer` one
+/// (PERMISSIVE).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InboundMode {
+    /// mTLS only; plaintext connections are refused and counted.
+    #[default]
+    Strict,
+    /// mTLS and plaintext on the same port, told apart by the first byte.
+    Permissive,
 }
 
 fn serialize_cluster_names<S: serde::Serializer>(
@@ -373,6 +393,10 @@ pub struct Endpoint {
     /// Connections to it (to its sidecar when it has one).
     #[serde(skip)]
     pub pool: Pool,
+    /// The expected identity in the form TLS connects with, when the
+    /// endpoint has a sidecar (see [`crate::tls::server_name_for`]).
+    #[serde(skip)]
+    pub server_name: Option<ServerName<'static>>,
 }
 
 // === Long-lived state ===
@@ -411,10 +435,16 @@ impl State {
             return existing;
         }
         map.retain(|_, weak| weak.strong_count() > 0);
+        let server_name = key
+            .identity
+            .as_deref()
+            .and_then(|id| SpiffeId::parse(id).ok())
+            .map(|id| crate::tls::server_name_for(&id));
         let endpoint = Arc::new(Endpoint {
             key: key.clone(),
             outstanding: AtomicUsize::new(0),
             pool: Pool::default(),
+            server_name,
         });
         map.insert(key, Arc::downgrade(&endpoint));
         endpoint

@@ -58,6 +58,15 @@ pub enum ProxyError {
         /// The connect timeout.
         timeout: Duration,
     },
+    /// The mTLS handshake with the endpoint's sidecar failed (wrong
+    /// identity, unknown CA, expired certificate...).
+    #[error("mTLS to {addr} failed: {source}")]
+    Tls {
+        /// The endpoint.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: crate::tls::HandshakeError,
+    },
     /// The connection or stream to the endpoint failed mid-request.
     #[error("upstream {addr} reset the request: {source}")]
     Reset {
@@ -87,6 +96,7 @@ impl ProxyError {
             ProxyError::NoAuthority | ProxyError::BadRequest(_) => Side::Downstream,
             ProxyError::Connect { .. }
             | ProxyError::ConnectTimeout { .. }
+            | ProxyError::Tls { .. }
             | ProxyError::Reset { .. }
             | ProxyError::PerTryTimeout(_)
             | ProxyError::IdleTimeout(_) => Side::Upstream,
@@ -108,6 +118,7 @@ impl ProxyError {
             ProxyError::NoEndpoint(_) => "no_endpoint",
             ProxyError::Connect { .. } => "connect_failure",
             ProxyError::ConnectTimeout { .. } => "connect_timeout",
+            ProxyError::Tls { .. } => "tls_handshake_failure",
             ProxyError::Reset { .. } => "upstream_reset",
             ProxyError::RouteTimeout(_) => "route_timeout",
             ProxyError::PerTryTimeout(_) => "per_try_timeout",
@@ -124,7 +135,9 @@ impl ProxyError {
             ProxyError::NotReady | ProxyError::ClusterNotFound(_) | ProxyError::NoEndpoint(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::Connect { .. } | ProxyError::Reset { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Reset { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::ConnectTimeout { .. }
             | ProxyError::RouteTimeout(_)
             | ProxyError::PerTryTimeout(_)

@@ -4,24 +4,28 @@
 //! the application speaks in `x-remora-app-protocol`; the request is
 //! forwarded to the application in that protocol, with the authority the
 //! caller used, so each application sees exactly what its callers sent.
+//! Over mTLS the caller's SPIFFE ID goes to the application in
+//! `x-remora-peer-identity` and into the metrics' `source_identity` label.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus::IntGauge;
 
 use crate::config::AppProtocol;
 use crate::errors::ProxyError;
-use crate::http::headers::{self, APP_PROTOCOL};
+use crate::http::headers::{self, APP_PROTOCOL, PEER_IDENTITY};
 use crate::http::observe::{GaugeGuard, Observed};
 use crate::http::upgrade;
+use crate::listener::Peer;
 use crate::metrics::{Direction, Metrics, RouteMetrics};
 use crate::outbound::{boxed, hop_for};
-use crate::upstream::{self, Body, Pool};
+use crate::upstream::{self, Body, Pool, Security};
 
 /// Time allowed to connect to the local application.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -32,8 +36,19 @@ pub struct Inbound {
     default_protocol: AppProtocol,
     pool: Pool,
     metrics: Arc<Metrics>,
-    route: Arc<RouteMetrics>,
+    service: String,
+    /// Metric handles per caller identity (`""` for plaintext callers);
+    /// looked up once per connection, never per request.
+    routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
     in_flight: IntGauge,
+}
+
+/// What the inbound side knows about one connection from a peer.
+#[derive(Debug)]
+pub struct Connection {
+    /// `x-remora-peer-identity` for the application, over mTLS.
+    identity: Option<HeaderValue>,
+    route: Arc<RouteMetrics>,
 }
 
 impl Inbound {
@@ -49,7 +64,8 @@ impl Inbound {
             app,
             default_protocol,
             pool: Pool::default(),
-            route: Arc::new(metrics.route(Direction::Inbound, service, "inbound")),
+            service: service.to_owned(),
+            routes: Mutex::default(),
             in_flight: metrics
                 .in_flight
                 .with_label_values(&[Direction::Inbound.as_str()]),
@@ -57,9 +73,34 @@ impl Inbound {
         }
     }
 
+    /// What requests on a new connection from `peer` share.
+    pub fn connection(&self, peer: &Peer) -> Arc<Connection> {
+        let source = peer.identity.as_ref().map(ToString::to_string);
+        let source = source.as_deref().unwrap_or("");
+        let route = {
+            let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(routes.entry(source.to_owned()).or_insert_with(|| {
+                Arc::new(self.metrics.route_from(
+                    Direction::Inbound,
+                    &self.service,
+                    "inbound",
+                    source,
+                ))
+            }))
+        };
+        Arc::new(Connection {
+            identity: HeaderValue::from_str(source).ok().filter(|v| !v.is_empty()),
+            route,
+        })
+    }
+
     /// Handles one request from a peer. Never fails: errors become
     /// responses that say why.
-    pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        connection: Arc<Connection>,
+        mut request: Request<Incoming>,
+    ) -> Response<Body> {
         let gauge = GaugeGuard::new(self.in_flight.clone());
         let start = Instant::now();
         let grpc = headers::is_grpc(request.headers());
@@ -76,13 +117,22 @@ impl Inbound {
         let (mut parts, body) = request.into_parts();
         headers::strip_internal(&mut parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        if let Some(identity) = &connection.identity {
+            parts.headers.insert(PEER_IDENTITY, identity.clone());
+        }
+        let route = &connection.route;
 
         let result = match downstream_upgrade {
             Some(downstream) => {
                 match upstream::request(&parts, &authority, upstream::Hop::Http1, boxed(body)) {
                     Ok(request) => {
-                        let sent =
-                            upstream::send_upgrade(self.app, APP_CONNECT_TIMEOUT, request).await;
+                        let sent = upstream::send_upgrade(
+                            self.app,
+                            Security::Plaintext,
+                            APP_CONNECT_TIMEOUT,
+                            request,
+                        )
+                        .await;
                         sent.map(|mut response| {
                             if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                                 upgrade::splice(downstream, hyper::upgrade::on(&mut response));
@@ -98,14 +148,20 @@ impl Inbound {
                 match upstream::request(&parts, &authority, hop, boxed(body)) {
                     Ok(request) => {
                         self.pool
-                            .send(self.app, hop, APP_CONNECT_TIMEOUT, request)
+                            .send(
+                                self.app,
+                                hop,
+                                Security::Plaintext,
+                                APP_CONNECT_TIMEOUT,
+                                request,
+                            )
                             .await
                     }
                     Err(e) => Err(e),
                 }
             }
         };
-        self.route.duration.observe(start.elapsed().as_secs_f64());
+        route.duration.observe(start.elapsed().as_secs_f64());
         match result {
             Ok(response) => {
                 let (mut head, body) = response.into_parts();
@@ -113,7 +169,7 @@ impl Inbound {
                 let grpc_status = headers::grpc_status(&head.headers);
                 let body = Observed::new(
                     body.map_err(Into::into).boxed_unsync(),
-                    self.route.clone(),
+                    Arc::clone(route),
                     head.status.as_u16(),
                     grpc_status,
                     None,
@@ -123,7 +179,7 @@ impl Inbound {
             }
             Err(error) => {
                 let response = self.fail(error, grpc);
-                self.route.count(
+                route.count(
                     response.status().as_u16(),
                     headers::grpc_status(response.headers()),
                 );

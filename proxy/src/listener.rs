@@ -1,9 +1,11 @@
-//! Listeners: accept TCP connections and serve HTTP/1.1 and HTTP/2 (told
-//! apart by the HTTP/2 preface) on them, counting connections and bytes,
-//! and draining gracefully on shutdown.
+//! Listeners: accept TCP connections, secure them (the inbound port: mTLS,
+//! or plaintext where the service is PERMISSIVE), and serve HTTP/1.1 and
+//! HTTP/2 (told apart by the HTTP/2 preface) on them, counting connections
+//! and bytes, and draining gracefully on shutdown.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,8 +20,12 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::either::Either;
 
+use crate::config::{ConfigStore, InboundMode};
+use crate::identity::SpiffeId;
 use crate::metrics::{Direction, Metrics};
+use crate::tls::{TlsContext, peer_identity};
 use crate::upstream::Body;
 
 /// Limits that keep a misbehaving client from costing much (see the h2
@@ -27,17 +33,53 @@ use crate::upstream::Body;
 const MAX_HEADER_LIST: u32 = 64 << 10;
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the inbound port waits for a connection's first byte.
+const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take once started.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// Serves `handler` on every connection `listener` accepts until `drain`
-/// turns true, then lets in-flight requests finish for up to `grace`.
-pub async fn serve<H, F>(
+/// What a listener accepts.
+#[derive(Clone)]
+pub enum Security {
+    /// Plaintext only: the outbound listener (the local application), or
+    /// a sidecar running without identity.
+    Plaintext,
+    /// The inbound mesh port: mTLS, told apart from plaintext by the first
+    /// byte (a TLS handshake record); plaintext is served only while the
+    /// config's inbound mode is PERMISSIVE.
+    Mesh {
+        /// Credentials and trust bundle.
+        tls: Arc<TlsContext>,
+        /// Where the inbound mode is read, per connection.
+        store: Arc<ConfigStore>,
+    },
+}
+
+/// Who is at the other end of an accepted connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The TCP peer.
+    pub addr: SocketAddr,
+    /// The SPIFFE ID the peer proved over mTLS; `None` for plaintext.
+    pub identity: Option<SpiffeId>,
+}
+
+/// Serves HTTP on every connection `listener` accepts until `drain` turns
+/// true, then lets in-flight requests finish for up to `grace`. Each
+/// connection is secured as `security` says, then served by the handler
+/// `make_handler` returns for its [`Peer`].
+pub async fn serve<M, H, F>(
     listener: TcpListener,
     direction: Direction,
     metrics: Arc<Metrics>,
-    handler: H,
+    security: Security,
+    make_handler: M,
     mut drain: watch::Receiver<bool>,
     grace: Duration,
 ) where
+    M: Fn(&Peer) -> H + Send + Sync + 'static,
     H: Fn(hyper::Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = hyper::Response<Body>> + Send + 'static,
 {
@@ -57,6 +99,8 @@ pub async fn serve<H, F>(
         .initial_connection_window_size(4 << 20)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
+    let builder = Arc::new(builder);
+    let make_handler = Arc::new(make_handler);
     let label = [direction.as_str()];
     let accepted = metrics.tcp_connections.with_label_values(&label);
     let open = metrics.tcp_open.with_label_values(&label);
@@ -85,17 +129,28 @@ pub async fn serve<H, F>(
             written: written.clone(),
             _open: OpenGuard::new(open.clone()),
         };
-        let handler = handler.clone();
-        let service = service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let watcher = graceful.watcher();
+        let builder = Arc::clone(&builder);
+        let make_handler = Arc::clone(&make_handler);
+        let security = security.clone();
+        // The handshake runs in the connection's task, so a slow or
+        // hostile client never holds up the accept loop.
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let secured = match secure(&security, io, peer).await {
+                Some(secured) => secured,
+                None => return,
+            };
+            let (io, identity) = secured;
+            let handler = make_handler(&Peer {
+                addr: peer,
+                identity,
+            });
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
+            });
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
@@ -111,6 +166,65 @@ pub async fn serve<H, F>(
             ?grace,
             "drain grace period over; closing remaining connections"
         );
+    }
+}
+
+/// A connection's byte stream once secured: plaintext or server-side TLS.
+type Secured = Either<Counted, tokio_rustls::server::TlsStream<Counted>>;
+
+/// Detects TLS by the first byte and runs the handshake; `None` when the
+/// connection is refused (and already logged and counted).
+async fn secure(
+    security: &Security,
+    io: Counted,
+    peer: SocketAddr,
+) -> Option<(Secured, Option<SpiffeId>)> {
+    let (tls, store) = match security {
+        Security::Plaintext => return Some((Either::Left(io), None)),
+        Security::Mesh { tls, store } => (tls, store),
+    };
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(DETECT_TIMEOUT, io.inner.peek(&mut first)).await;
+    match peeked {
+        Ok(Ok(1..)) => {}
+        Ok(Ok(0)) => return None,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection failed before its first byte");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, ?DETECT_TIMEOUT, "nothing received; closing");
+            return None;
+        }
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        if store.load().inbound_mode == InboundMode::Permissive {
+            return Some((Either::Left(io), None));
+        }
+        tls.count_plaintext_refused();
+        tracing::info!(
+            %peer,
+            "refused a plaintext connection: this port is STRICT (mTLS only); \
+             mark the service PERMISSIVE in the mesh file to allow plaintext callers"
+        );
+        return None;
+    }
+    match tls.accept(io, HANDSHAKE_TIMEOUT).await {
+        Ok(stream) => {
+            let identity = match peer_identity(stream.get_ref().1) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    // The verifier already required a valid SPIFFE ID.
+                    tracing::warn!(%peer, error = %e, "verified peer without an identity");
+                    None
+                }
+            };
+            Some((Either::Right(stream), identity))
+        }
+        Err(e) => {
+            tracing::info!(%peer, reason = e.failure.as_str(), error = %e.error, "refused an mTLS connection");
+            None
+        }
     }
 }
 

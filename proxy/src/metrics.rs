@@ -79,6 +79,10 @@ pub struct Metrics {
     pub certificate_renewals: IntCounter,
     /// Failed requests for a certificate, by reason.
     pub certificate_renewal_failures: IntCounterVec,
+    /// mTLS handshakes completed, by direction.
+    pub tls_handshakes: IntCounterVec,
+    /// mTLS handshakes failed (and plaintext refused), by direction and reason.
+    pub tls_handshake_failures: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -131,8 +135,16 @@ impl Metrics {
         Metrics {
             requests: counter(
                 "remora_proxy_requests_total",
-                "Requests by direction, service, route, response code and gRPC status",
-                &["direction", "service", "route", "code", "grpc_status"],
+                "Requests by direction, service, route, response code, gRPC status and, \
+                 inbound over mTLS, the caller's SPIFFE ID",
+                &[
+                    "direction",
+                    "service",
+                    "route",
+                    "code",
+                    "grpc_status",
+                    "source_identity",
+                ],
             ),
             duration,
             retries: counter("remora_proxy_retries_total", "Retries sent", &route_labels),
@@ -200,18 +212,43 @@ impl Metrics {
                 "Failed requests for a workload certificate, by reason",
                 &["reason"],
             ),
+            tls_handshakes: counter(
+                "remora_proxy_tls_handshakes_total",
+                "mTLS handshakes completed, by direction (inbound: as server)",
+                &["direction"],
+            ),
+            tls_handshake_failures: counter(
+                "remora_proxy_tls_handshake_failures_total",
+                "mTLS handshakes failed, and plaintext connections refused on STRICT ports, \
+                 by direction and reason",
+                &["direction", "reason"],
+            ),
             registry,
         }
     }
 
     /// Handles for one route, resolved once per compiled config.
     pub fn route(&self, direction: Direction, service: &str, route: &str) -> RouteMetrics {
+        self.route_from(direction, service, route, "")
+    }
+
+    /// Handles for one route as seen from one caller identity (`source`,
+    /// a SPIFFE ID, or empty when unknown): inbound, resolved once per
+    /// connection.
+    pub fn route_from(
+        &self,
+        direction: Direction,
+        service: &str,
+        route: &str,
+        source: &str,
+    ) -> RouteMetrics {
         let labels = [direction.as_str(), service, route];
         RouteMetrics {
             labels: Arc::new(RouteLabels {
                 direction: direction.as_str(),
                 service: service.to_string(),
                 route: route.to_string(),
+                source: source.to_string(),
             }),
             requests: self.requests.clone(),
             codes: Arc::new(ArcSwap::default()),
@@ -295,6 +332,7 @@ struct RouteLabels {
     direction: &'static str,
     service: String,
     route: String,
+    source: String,
 }
 
 /// Per-route metric handles.
@@ -328,6 +366,7 @@ impl RouteMetrics {
             &self.labels.route,
             &status.to_string(),
             &grpc_label,
+            &self.labels.source,
         ]);
         counter.inc();
         self.codes.rcu(|codes| {

@@ -6,9 +6,10 @@
 //! of the weighted split and an endpoint picked by the balancer, under the
 //! per-try timeout, until one succeeds or the retry policy, the retry
 //! budget or the replay buffer says stop. Endpoints with a sidecar are
-//! reached over HTTP/2 with the destination's protocol named in
-//! `x-remora-app-protocol`, so the peer restores it; others in their own
-//! protocol.
+//! reached over mTLS and HTTP/2, the sidecar proving the identity the
+//! control plane gave the endpoint, with the destination's protocol named
+//! in `x-remora-app-protocol`, so the peer restores it; others in
+//! plaintext and their own protocol.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +27,8 @@ use crate::http::observe::{GaugeGuard, Observed};
 use crate::http::retry::{self, ReplayBody};
 use crate::http::upgrade;
 use crate::metrics::{Direction, Metrics};
-use crate::upstream::{self, Body, Hop};
+use crate::tls::TlsContext;
+use crate::upstream::{self, Body, Hop, Security};
 
 /// How long a request on a route without a timeout may wait for its
 /// response to start.
@@ -37,11 +39,18 @@ pub struct Outbound {
     store: Arc<ConfigStore>,
     metrics: Arc<Metrics>,
     in_flight: IntGauge,
+    /// mTLS to peer sidecars; `None` when the proxy runs without identity.
+    tls: Option<Arc<TlsContext>>,
 }
 
 impl Outbound {
-    /// A handler reading config from `store`.
-    pub fn new(store: Arc<ConfigStore>, metrics: Arc<Metrics>) -> Outbound {
+    /// A handler reading config from `store`, reaching peer sidecars over
+    /// `tls`.
+    pub fn new(
+        store: Arc<ConfigStore>,
+        metrics: Arc<Metrics>,
+        tls: Option<Arc<TlsContext>>,
+    ) -> Outbound {
         let in_flight = metrics
             .in_flight
             .with_label_values(&[Direction::Outbound.as_str()]);
@@ -49,6 +58,7 @@ impl Outbound {
             store,
             metrics,
             in_flight,
+            tls,
         }
     }
 
@@ -133,7 +143,9 @@ impl Outbound {
         let tries = async {
             let Some(policy) = action.retry.as_ref() else {
                 let (cluster, endpoint) = pick(route, None)?;
-                return try_once(cluster, endpoint, parts, authority, boxed(body)).await;
+                return self
+                    .try_once(cluster, endpoint, parts, authority, boxed(body))
+                    .await;
             };
             policy.budget.deposit(Instant::now());
             let (first, replayer) = ReplayBody::new(body);
@@ -149,7 +161,7 @@ impl Outbound {
                     Some(limit) => {
                         match tokio::time::timeout(
                             limit,
-                            try_once(cluster, endpoint.clone(), parts, authority, body),
+                            self.try_once(cluster, endpoint.clone(), parts, authority, body),
                         )
                         .await
                         {
@@ -160,7 +172,10 @@ impl Outbound {
                             }
                         }
                     }
-                    None => try_once(cluster, endpoint.clone(), parts, authority, body).await,
+                    None => {
+                        self.try_once(cluster, endpoint.clone(), parts, authority, body)
+                            .await
+                    }
                 };
                 let retry_allowed = retries < policy.num_retries
                     && retry::retryable(policy, outcome.as_ref().map(|(r, _)| r));
@@ -213,12 +228,56 @@ impl Outbound {
                 .headers_mut()
                 .insert(APP_PROTOCOL, app_protocol_value(AppProtocol::Http1));
         }
+        let security = self.security(&endpoint);
+        let mut response =
+            upstream::send_upgrade(addr, security, cluster.connect_timeout, request).await?;
         let in_flight = InFlight::new(endpoint);
-        let mut response = upstream::send_upgrade(addr, cluster.connect_timeout, request).await?;
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             upgrade::splice(downstream, hyper::upgrade::on(&mut response));
         }
         Ok((response, in_flight))
+    }
+
+    /// One try to one endpoint.
+    async fn try_once(
+        &self,
+        cluster: &Cluster,
+        endpoint: Arc<Endpoint>,
+        parts: &http::request::Parts,
+        authority: &str,
+        body: Body,
+    ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+        let (addr, hop) = match endpoint.key.proxy {
+            Some(proxy) => (proxy, Hop::Http2),
+            None => (endpoint.key.app, hop_for(cluster.protocol)),
+        };
+        let mut request = upstream::request(parts, authority, hop, body)?;
+        if endpoint.key.proxy.is_some() {
+            request
+                .headers_mut()
+                .insert(APP_PROTOCOL, app_protocol_value(cluster.protocol));
+        }
+        let in_flight = InFlight::new(endpoint.clone());
+        let response = endpoint
+            .pool
+            .send(
+                addr,
+                hop,
+                self.security(&endpoint),
+                cluster.connect_timeout,
+                request,
+            )
+            .await?;
+        Ok((response, in_flight))
+    }
+
+    /// mTLS to endpoints with a sidecar (expecting the identity the
+    /// control plane gave them), plaintext to the others.
+    fn security<'a>(&'a self, endpoint: &'a Endpoint) -> Security<'a> {
+        match (self.tls.as_deref(), &endpoint.server_name) {
+            (Some(tls), Some(server_name)) => Security::Mtls { tls, server_name },
+            _ => Security::Plaintext,
+        }
     }
 
     fn fail(&self, error: ProxyError, grpc: bool) -> Response<Body> {
@@ -266,32 +325,6 @@ fn pick<'r>(
     let endpoint = balance::pick_endpoint(cluster, avoid)
         .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
     Ok((cluster, endpoint))
-}
-
-/// One try to one endpoint.
-async fn try_once(
-    cluster: &Cluster,
-    endpoint: Arc<Endpoint>,
-    parts: &http::request::Parts,
-    authority: &str,
-    body: Body,
-) -> Result<(Response<Incoming>, InFlight), ProxyError> {
-    let (addr, hop) = match endpoint.key.proxy {
-        Some(proxy) => (proxy, Hop::Http2),
-        None => (endpoint.key.app, hop_for(cluster.protocol)),
-    };
-    let mut request = upstream::request(parts, authority, hop, body)?;
-    if endpoint.key.proxy.is_some() {
-        request
-            .headers_mut()
-            .insert(APP_PROTOCOL, app_protocol_value(cluster.protocol));
-    }
-    let in_flight = InFlight::new(endpoint.clone());
-    let response = endpoint
-        .pool
-        .send(addr, hop, cluster.connect_timeout, request)
-        .await?;
-    Ok((response, in_flight))
 }
 
 /// A downstream body as the proxy's body type.

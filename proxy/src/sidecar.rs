@@ -1,10 +1,11 @@
-//! The whole sidecar as one function: logging, runtime, the xDS client,
-//! the listeners, admin, and draining on SIGTERM. `remora-proxy` calls it,
+//! The whole sidecar as one function: logging, runtime, the workload
+//! certificate, the xDS client, the listeners, admin, and draining on
+//! SIGTERM. `remora-proxy` calls it,
 //! and so does `remora`, which runs sidecars as child processes of itself.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,10 +16,13 @@ use tracing_subscriber::{EnvFilter, prelude::*, reload};
 use crate::admin::{Admin, SetLogLevel};
 use crate::bootstrap::Bootstrap;
 use crate::config::{ConfigStore, State};
+use crate::identity::client::{CertificateClient, control_plane_id};
+use crate::identity::renew::{self, RenewConfig};
 use crate::inbound::Inbound;
-use crate::listener;
+use crate::listener::{self, Peer, Security};
 use crate::metrics::{Direction, Metrics};
 use crate::outbound::Outbound;
+use crate::tls::{TlsContext, TrustBundle, server_name_for};
 use crate::xds::{self, XdsConfig, XdsStatus};
 
 /// Runs the sidecar until SIGTERM or Ctrl-C, then drains.
@@ -70,6 +74,7 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
     let state = Arc::new(State::new(metrics.clone()));
     let store = Arc::new(ConfigStore::default());
     let xds_status = Arc::new(XdsStatus::default());
+    let identity = identity_settings(&bootstrap)?;
 
     let outbound_listener = bind(bootstrap.outbound_addr, "--outbound-addr").await?;
     let admin_listener = bind(bootstrap.admin_addr, "--admin-addr").await?;
@@ -84,25 +89,86 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
         .map(TcpListener::local_addr)
         .transpose()?;
 
+    let listening = serde_json::json!({
+        "outbound": outbound_addr.to_string(),
+        "inbound": inbound_addr.map(|a| a.to_string()),
+        "admin": admin_addr.to_string(),
+    });
+    let tls_slot = Arc::new(OnceLock::new());
+    let admin = Arc::new(Admin {
+        bootstrap: bootstrap.clone(),
+        listening: listening.clone(),
+        store: store.clone(),
+        xds: xds_status.clone(),
+        metrics: metrics.clone(),
+        set_log_level,
+        tls: tls_slot.clone(),
+        identity_expected: identity.is_some(),
+    });
+    tokio::spawn(admin.serve(admin_listener));
+    tracing::info!(%outbound_addr, inbound_addr = ?inbound_addr, %admin_addr, control_plane = bootstrap.control_plane, "remora-proxy started");
+    if let Some(path) = &bootstrap.address_file {
+        remora_runtime::write_address_file(path, &listening)?;
+    }
+
+    // Identity first: the xDS stream itself runs over mTLS. Connections
+    // wait in the listeners' backlogs meanwhile, and /ready says why.
+    let tls = match identity {
+        None => {
+            tracing::warn!(
+                "mTLS is OFF: no --ca-bundle was given, so this proxy has no identity, \
+                 talks plaintext to the control plane and to every peer, and accepts \
+                 plaintext; use this only for tests"
+            );
+            None
+        }
+        Some((bundle, client, config)) => {
+            let (mut ready, _renewal) = renew::start(client, config, metrics.clone());
+            let resolver = tokio::select! {
+                resolver = ready.wait_for(Option::is_some) => match resolver {
+                    Ok(resolver) => resolver.clone(),
+                    Err(_) => anyhow::bail!("the certificate renewal task stopped"),
+                },
+                () = remora_runtime::shutdown_signal() => return Ok(()),
+            };
+            let Some(resolver) = resolver else {
+                anyhow::bail!("the certificate renewal task published no credentials");
+            };
+            let tls = Arc::new(TlsContext::new(resolver, bundle, &metrics)?);
+            let _ = tls_slot.set(tls.clone());
+            tracing::info!(spiffe_id = %tls.local_id(), "mTLS is on");
+            Some(tls)
+        }
+    };
+
+    let control_plane_tls = tls.as_ref().map(|tls| {
+        let expected = control_plane_id(tls.bundle().trust_domain());
+        (tls.clone(), server_name_for(&expected))
+    });
     tokio::spawn(xds::run(
         XdsConfig {
             control_plane: bootstrap.control_plane_uri(),
-            node: bootstrap.node(outbound_addr),
+            node: bootstrap.node(outbound_addr, inbound_addr),
+            tls: control_plane_tls,
         },
         store.clone(),
         state.clone(),
-        xds_status.clone(),
+        xds_status,
     ));
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let grace = Duration::from_secs(bootstrap.drain_seconds);
     let mut servers = tokio::task::JoinSet::new();
-    let outbound = Arc::new(Outbound::new(store.clone(), metrics.clone()));
+    let outbound = Arc::new(Outbound::new(store.clone(), metrics.clone(), tls.clone()));
     servers.spawn(listener::serve(
         outbound_listener,
         Direction::Outbound,
         metrics.clone(),
-        move |req| outbound.clone().handle(req),
+        Security::Plaintext,
+        move |_peer: &Peer| {
+            let outbound = outbound.clone();
+            move |req| outbound.clone().handle(req)
+        },
         drain_rx.clone(),
         grace,
     ));
@@ -113,33 +179,26 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
             &format!("{}.{}", bootstrap.service, bootstrap.namespace),
             metrics.clone(),
         ));
+        let security = match &tls {
+            Some(tls) => Security::Mesh {
+                tls: tls.clone(),
+                store: store.clone(),
+            },
+            None => Security::Plaintext,
+        };
         servers.spawn(listener::serve(
             listener,
             Direction::Inbound,
             metrics.clone(),
-            move |req| inbound.clone().handle(req),
+            security,
+            move |peer: &Peer| {
+                let inbound = inbound.clone();
+                let connection = inbound.connection(peer);
+                move |req| inbound.clone().handle(connection.clone(), req)
+            },
             drain_rx.clone(),
             grace,
         ));
-    }
-    let listening = serde_json::json!({
-        "outbound": outbound_addr.to_string(),
-        "inbound": inbound_addr.map(|a| a.to_string()),
-        "admin": admin_addr.to_string(),
-    });
-    let admin = Arc::new(Admin {
-        bootstrap: bootstrap.clone(),
-        listening: listening.clone(),
-        store,
-        xds: xds_status,
-        metrics,
-        set_log_level,
-    });
-    tokio::spawn(admin.serve(admin_listener));
-
-    tracing::info!(%outbound_addr, inbound_addr = ?inbound_addr, %admin_addr, control_plane = bootstrap.control_plane, "remora-proxy started");
-    if let Some(path) = &bootstrap.address_file {
-        remora_runtime::write_address_file(path, &listening)?;
     }
 
     remora_runtime::shutdown_signal().await;
@@ -148,6 +207,28 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
     while servers.join_next().await.is_some() {}
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The trust bundle, CA client and renewal settings, when mTLS is on
+/// (`--ca-bundle` given).
+fn identity_settings(
+    bootstrap: &Bootstrap,
+) -> anyhow::Result<Option<(TrustBundle, CertificateClient, RenewConfig)>> {
+    let Some(bundle) = bootstrap.ca_trust_bundle()? else {
+        return Ok(None);
+    };
+    let id = bootstrap
+        .workload_id()
+        .context("--trust-domain, --namespace and --service-account must form a SPIFFE ID")?;
+    let Some(token) = bootstrap.token_source() else {
+        anyhow::bail!(
+            "--token-file is required with --ca-bundle: the CA signs {id} only for a workload \
+             that proves it may hold it"
+        );
+    };
+    let client = CertificateClient::new(bootstrap.ca_addr(), &bundle)
+        .with_context(|| format!("--ca-addr {}", bootstrap.ca_addr()))?;
+    Ok(Some((bundle, client, RenewConfig::new(id, token))))
 }
 
 async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {

@@ -29,11 +29,13 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::identity::{SpiffeId, SpiffeIdError, TrustDomain, uri_sans};
 
+mod context;
 mod resolve;
 #[cfg(test)]
 mod tests;
 mod verify;
 
+pub use self::context::{ALPN_HTTP11, Alpn, HandshakeError, TlsContext};
 pub use self::resolve::CredentialResolver;
 pub use self::verify::SpiffeVerifier;
 
@@ -281,6 +283,8 @@ pub enum HandshakeFailure {
     Incompatible,
     /// The peer rejected us with an alert.
     AlertReceived,
+    /// The handshake did not finish in time.
+    Timeout,
     /// Anything else.
     Other,
 }
@@ -314,6 +318,22 @@ impl HandshakeFailure {
             E::PeerIncompatible(_) | E::NoApplicationProtocol => Self::Incompatible,
             E::AlertReceived(_) => Self::AlertReceived,
             _ => Self::Other,
+        }
+    }
+
+    /// The metric label (`reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownCa => "unknown_ca",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::IdentityMismatch => "identity_mismatch",
+            Self::BadSan => "bad_san",
+            Self::NoClientCertificate => "no_client_certificate",
+            Self::Incompatible => "protocol_version",
+            Self::AlertReceived => "alert_received",
+            Self::Timeout => "timeout",
+            Self::Other => "other",
         }
     }
 

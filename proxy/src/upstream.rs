@@ -4,10 +4,11 @@
 //! mesh needs what that client cannot give: the connection goes to the
 //! endpoint (or its sidecar) while the request keeps the authority the
 //! application used; connect timeouts and failures must be told apart for
-//! retries and `x-remora-error`; and mTLS (next) verifies each endpoint's own
-//! identity. HTTP/2 uses one multiplexed connection per endpoint; HTTP/1.1
-//! keeps idle keep-alive connections and returns a connection to the pool
-//! once its response is done.
+//! retries and `x-remora-error`; and mTLS verifies each endpoint's own
+//! identity ([`Security`]). HTTP/2 uses one multiplexed connection per
+//! endpoint, so mTLS costs one handshake per endpoint, not per request;
+//! HTTP/1.1 keeps idle keep-alive connections and returns a connection to
+//! the pool once its response is done.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,9 +20,11 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::errors::ProxyError;
+use crate::tls::{Alpn, TlsContext};
 
 /// Errors a body may carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -60,6 +63,21 @@ pub enum Hop {
     Http2,
 }
 
+/// How connections to an endpoint are secured.
+#[derive(Debug, Clone, Copy)]
+pub enum Security<'a> {
+    /// Plaintext: the local application, or an endpoint without a sidecar.
+    Plaintext,
+    /// mTLS to the endpoint's sidecar, which must prove the identity
+    /// `server_name` encodes (see [`crate::tls::server_name_for`]).
+    Mtls {
+        /// Our credentials and trust bundle.
+        tls: &'a TlsContext,
+        /// The expected identity.
+        server_name: &'a ServerName<'static>,
+    },
+}
+
 /// Connections to one endpoint address.
 #[derive(Debug, Clone, Default)]
 pub struct Pool {
@@ -80,18 +98,20 @@ impl Pool {
         &self,
         addr: SocketAddr,
         hop: Hop,
+        security: Security<'_>,
         connect_timeout: Duration,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
         match hop {
-            Hop::Http2 => self.send_h2(addr, connect_timeout, request).await,
-            Hop::Http1 => self.send_h1(addr, connect_timeout, request).await,
+            Hop::Http2 => self.send_h2(addr, security, connect_timeout, request).await,
+            Hop::Http1 => self.send_h1(addr, security, connect_timeout, request).await,
         }
     }
 
     async fn send_h2(
         &self,
         addr: SocketAddr,
+        security: Security<'_>,
         connect_timeout: Duration,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -108,7 +128,7 @@ impl Pool {
             let mut sender = match cached {
                 Some(s) => s,
                 None => {
-                    let s = connect_h2(addr, connect_timeout).await?;
+                    let s = connect_h2(addr, security, connect_timeout).await?;
                     *lock(&self.inner.h2) = Some(s.clone());
                     s
                 }
@@ -141,6 +161,7 @@ impl Pool {
     async fn send_h1(
         &self,
         addr: SocketAddr,
+        security: Security<'_>,
         connect_timeout: Duration,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -150,7 +171,10 @@ impl Pool {
             attempt += 1;
             let (mut sender, fresh) = match self.idle_h1() {
                 Some(s) => (s, false),
-                None => (connect_h1(addr, connect_timeout, false).await?, true),
+                None => (
+                    connect_h1(addr, security, connect_timeout, false).await?,
+                    true,
+                ),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -200,10 +224,11 @@ impl Pool {
 /// own; the caller takes the upgraded stream from the response.
 pub async fn send_upgrade(
     addr: SocketAddr,
+    security: Security<'_>,
     connect_timeout: Duration,
     request: Request<Body>,
 ) -> Result<Response<Incoming>, ProxyError> {
-    let mut sender = connect_h1(addr, connect_timeout, true).await?;
+    let mut sender = connect_h1(addr, security, connect_timeout, true).await?;
     sender
         .send_request(request)
         .await
@@ -224,9 +249,26 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Proxy
 
 async fn connect_h2(
     addr: SocketAddr,
+    security: Security<'_>,
     timeout: Duration,
 ) -> Result<http2::SendRequest<Body>, ProxyError> {
-    let stream = connect(addr, timeout).await?;
+    let tcp = connect(addr, timeout).await?;
+    match security {
+        Security::Plaintext => handshake_h2(addr, TokioIo::new(tcp)).await,
+        Security::Mtls { tls, server_name } => {
+            let stream = tls
+                .connect(tcp, server_name.clone(), Alpn::H2, timeout)
+                .await
+                .map_err(|source| ProxyError::Tls { addr, source })?;
+            handshake_h2(addr, TokioIo::new(stream)).await
+        }
+    }
+}
+
+async fn handshake_h2<I>(addr: SocketAddr, io: I) -> Result<http2::SendRequest<Body>, ProxyError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
@@ -234,7 +276,7 @@ async fn connect_h2(
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .max_header_list_size(64 << 10)
-        .handshake(TokioIo::new(stream))
+        .handshake(io)
         .await
         .map_err(|source| ProxyError::Reset { addr, source })?;
     tokio::spawn(async move {
@@ -247,12 +289,33 @@ async fn connect_h2(
 
 async fn connect_h1(
     addr: SocketAddr,
+    security: Security<'_>,
     timeout: Duration,
     upgrades: bool,
 ) -> Result<http1::SendRequest<Body>, ProxyError> {
-    let stream = connect(addr, timeout).await?;
+    let tcp = connect(addr, timeout).await?;
+    match security {
+        Security::Plaintext => handshake_h1(addr, TokioIo::new(tcp), upgrades).await,
+        Security::Mtls { tls, server_name } => {
+            let stream = tls
+                .connect(tcp, server_name.clone(), Alpn::Http11, timeout)
+                .await
+                .map_err(|source| ProxyError::Tls { addr, source })?;
+            handshake_h1(addr, TokioIo::new(stream), upgrades).await
+        }
+    }
+}
+
+async fn handshake_h1<I>(
+    addr: SocketAddr,
+    io: I,
+    upgrades: bool,
+) -> Result<http1::SendRequest<Body>, ProxyError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(io)
         .await
         .map_err(|source| ProxyError::Reset { addr, source })?;
     tokio::spawn(async move {

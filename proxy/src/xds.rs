@@ -7,19 +7,29 @@
 //! capped, jittered exponential backoff. The last good config keeps serving
 //! while the control plane is away: the store is never cleared, and `/ready`
 //! stays true once a complete config was applied.
+//!
+//! With mTLS on (the normal case) the stream runs over TLS to the control
+//! plane's port 15012: the proxy presents its workload certificate and
+//! checks the control plane's SPIFFE ID, and it subscribes to the trust
+//! bundle (`ROOTCA`) so a root rotation reaches every handshake at once.
 
 pub mod client;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hyper_util::rt::TokioIo;
 use remora_xds_proto::pb::envoy::config::core::v3::Node;
 use remora_xds_proto::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use rustls_pki_types::ServerName;
 use serde::Serialize;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::config::compile::{ROOTCA, ResourceKind};
 use crate::config::{ConfigStore, State};
+use crate::tls::{Alpn, TlsContext};
 use client::{AdsClient, Step, TypeStatus};
 
 /// First reconnect delay (before jitter).
@@ -43,6 +53,10 @@ pub struct XdsConfig {
     pub control_plane: String,
     /// The node descriptor sent on the first request of each stream.
     pub node: Node,
+    /// mTLS to the control plane, which must prove the identity encoded
+    /// in the server name; `None` for plaintext (testing against other
+    /// xDS servers).
+    pub tls: Option<(Arc<TlsContext>, ServerName<'static>)>,
 }
 
 /// Why a stream ended.
@@ -81,6 +95,9 @@ pub async fn run(
     };
     status.update(|s| s.control_plane = address.clone());
     let mut client = AdsClient::new(config.node);
+    if config.tls.is_some() {
+        client = client.with_secrets([ROOTCA]);
+    }
     let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX, fastrand::Rng::new());
     let mut connects: u64 = 0;
     // Consecutive failures to open a stream; logged at warn on the first
@@ -90,6 +107,7 @@ pub async fn run(
     loop {
         let mut session = Session {
             address: &address,
+            tls: config.tls.as_ref(),
             client: &mut client,
             store: &store,
             state: &state,
@@ -140,6 +158,7 @@ pub async fn run(
 /// One stream's worth of borrowed state.
 struct Session<'a> {
     address: &'a str,
+    tls: Option<&'a (Arc<TlsContext>, ServerName<'static>)>,
     client: &'a mut AdsClient,
     store: &'a ConfigStore,
     state: &'a State,
@@ -170,10 +189,30 @@ impl Session<'_> {
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| XdsError::Connect(chain(&e)))?;
+        let channel = match self.tls {
+            None => endpoint.connect().await,
+            Some((tls, server_name)) => {
+                let tls = Arc::clone(tls);
+                let server_name = server_name.clone();
+                let authority = endpoint.uri().authority().map(ToString::to_string);
+                let connector = tower::service_fn(move |_uri: http::Uri| {
+                    let tls = Arc::clone(&tls);
+                    let server_name = server_name.clone();
+                    let authority = authority.clone().unwrap_or_default();
+                    async move {
+                        let tcp = TcpStream::connect(authority.as_str()).await?;
+                        tcp.set_nodelay(true)?;
+                        let stream = tls
+                            .connect(tcp, server_name, Alpn::H2, CONNECT_TIMEOUT)
+                            .await
+                            .map_err(std::io::Error::other)?;
+                        Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    }
+                });
+                endpoint.connect_with_connector(connector).await
+            }
+        }
+        .map_err(|e| XdsError::Connect(chain(&e)))?;
         let mut grpc = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
@@ -229,6 +268,9 @@ impl Session<'_> {
         let ty = kind.short_name();
         if step.changed {
             let (config, complete) = self.client.build(self.state);
+            if kind == ResourceKind::Secret {
+                self.update_trust_bundle(config.trust_bundle_pem.as_deref());
+            }
             self.store.store(config, complete);
         }
         if let Some((previous, version)) = &step.accepted {
@@ -257,6 +299,26 @@ impl Session<'_> {
                 "rejected xDS update (NACK); the valid resources still apply:\n{}",
                 nack.message
             );
+        }
+    }
+}
+
+impl Session<'_> {
+    /// New handshakes trust the roots of the `ROOTCA` secret.
+    fn update_trust_bundle(&self, pem: Option<&str>) {
+        let (Some((tls, _)), Some(pem)) = (self.tls, pem) else {
+            return;
+        };
+        match tls.set_bundle_pem(pem) {
+            Ok(true) => tracing::info!(
+                roots = tls.root_count(),
+                "the trust bundle changed; new handshakes use it"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot use the trust bundle from the control plane; keeping the current one"
+            ),
         }
     }
 }

@@ -149,6 +149,18 @@ pub(crate) fn rewrite(
 
 /// Writes `text` to a temporary file next to `path`, then renames it over
 /// `path`, so the control plane never reads half a file.
+/// The bootstrap token the mesh file declares for a workload, if any.
+pub(crate) fn token_for(mesh_text: &str, namespace: &str, service_account: &str) -> Option<String> {
+    let mesh: Value = serde_yaml_ng::from_str(mesh_text).ok()?;
+    let tokens = mesh.get("workload_tokens")?.as_sequence()?;
+    tokens.iter().find_map(|entry| {
+        let field = |name: &str| entry.get(name).and_then(Value::as_str);
+        (field("namespace") == Some(namespace) && field("service_account") == Some(service_account))
+            .then(|| field("token").map(str::to_owned))
+            .flatten()
+    })
+}
+
 pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("yaml.tmp");
     std::fs::write(&tmp, text)?;

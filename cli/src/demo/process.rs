@@ -62,8 +62,9 @@ pub(crate) enum StartError {
 /// `--address-file` of the control plane.
 #[derive(Debug, Clone, Copy, Deserialize)]
 pub(crate) struct ControlPlaneAddrs {
-    pub(crate) xds: SocketAddr,
     pub(crate) monitoring: SocketAddr,
+    /// The TLS listener: the CA and xDS over mTLS.
+    pub(crate) tls: SocketAddr,
 }
 
 /// `--address-file` of a sidecar.

@@ -25,6 +25,7 @@ mod cluster;
 mod endpoint;
 mod listener;
 mod route;
+mod secret;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -34,6 +35,7 @@ use remora_xds_proto::pb::envoy::config::cluster::v3::Cluster as PbCluster;
 use remora_xds_proto::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use remora_xds_proto::pb::envoy::config::listener::v3::Listener;
 use remora_xds_proto::pb::envoy::config::route::v3::RouteConfiguration;
+use remora_xds_proto::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use remora_xds_proto::pb::google::protobuf::{Any, Duration as PbDuration};
 use remora_xds_proto::{type_url, unpack};
 
@@ -48,14 +50,18 @@ use cluster::ClusterSpec;
 use endpoint::AssignmentSpec;
 use listener::ListenerSpec;
 use route::RouteTableSpec;
+pub use secret::ROOTCA;
+use secret::SecretSpec;
 
 /// Name of the explicit outbound listener, whose route table the proxy
 /// serves.
 pub const OUTBOUND_LISTENER: &str = "outbound";
+/// Name of the listener that says what the inbound port accepts.
+pub const INBOUND_LISTENER: &str = "inbound";
 
 // === Resource kinds ===
 
-/// The four xDS resource types the proxy consumes.
+/// The xDS resource types the proxy consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceKind {
     /// LDS: `Listener`.
@@ -66,15 +72,18 @@ pub enum ResourceKind {
     Cluster,
     /// EDS: `ClusterLoadAssignment`.
     Endpoint,
+    /// SDS: `Secret` (only the trust bundle, `ROOTCA`).
+    Secret,
 }
 
 impl ResourceKind {
     /// Every kind, in the order a first subscription asks for them.
-    pub const ALL: [ResourceKind; 4] = [
+    pub const ALL: [ResourceKind; 5] = [
         ResourceKind::Listener,
         ResourceKind::Route,
         ResourceKind::Cluster,
         ResourceKind::Endpoint,
+        ResourceKind::Secret,
     ];
 
     /// The type URL.
@@ -84,6 +93,7 @@ impl ResourceKind {
             ResourceKind::Route => type_url::ROUTE,
             ResourceKind::Cluster => type_url::CLUSTER,
             ResourceKind::Endpoint => type_url::ENDPOINT,
+            ResourceKind::Secret => type_url::SECRET,
         }
     }
 
@@ -104,6 +114,7 @@ impl ResourceKind {
             ResourceKind::Route => "RouteConfiguration",
             ResourceKind::Cluster => "Cluster",
             ResourceKind::Endpoint => "ClusterLoadAssignment",
+            ResourceKind::Secret => "Secret",
         }
     }
 
@@ -230,6 +241,7 @@ pub struct Compiler {
     routes: BTreeMap<String, Entry<RouteTableSpec>>,
     clusters: BTreeMap<String, Entry<ClusterSpec>>,
     assignments: BTreeMap<String, Entry<AssignmentSpec>>,
+    secrets: BTreeMap<String, Entry<SecretSpec>>,
     versions: BTreeMap<ResourceKind, String>,
 }
 
@@ -298,6 +310,14 @@ impl Compiler {
                 |c: &ClusterLoadAssignment| c.cluster_name.clone(),
                 endpoint::compile,
             ),
+            ResourceKind::Secret => apply_type(
+                &mut self.secrets,
+                kind,
+                resources,
+                Some(subscribed),
+                |s: &Secret| s.name.clone(),
+                secret::compile,
+            ),
         };
         if applied.errors.is_empty() && self.version(kind) != Some(version) {
             self.versions.insert(kind, version.to_string());
@@ -317,6 +337,7 @@ impl Compiler {
         match kind {
             ResourceKind::Route => keep(&mut self.routes, subscribed),
             ResourceKind::Endpoint => keep(&mut self.assignments, subscribed),
+            ResourceKind::Secret => keep(&mut self.secrets, subscribed),
             ResourceKind::Listener | ResourceKind::Cluster => false,
         }
     }
@@ -390,6 +411,15 @@ impl Compiler {
                 .collect(),
             outbound,
             clusters,
+            inbound_mode: self
+                .listeners
+                .get(INBOUND_LISTENER)
+                .and_then(|l| l.spec.inbound_mode)
+                .unwrap_or_default(),
+            trust_bundle_pem: self
+                .secrets
+                .get(ROOTCA)
+                .map(|s| Arc::clone(&s.spec.roots_pem)),
         };
         (config, complete)
     }

@@ -14,6 +14,10 @@ use http::{Method, Request, Version};
 /// Sent from the outbound sidecar to the inbound one: the protocol the
 /// destination application speaks (`http1` or `http2`).
 pub const APP_PROTOCOL: HeaderName = HeaderName::from_static("x-remora-app-protocol");
+/// Set by the inbound side for the application: the SPIFFE ID the caller's
+/// sidecar proved over mTLS. Any copy arriving from outside is removed
+/// first, with every other `x-remora-*` header.
+pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-remora-peer-identity");
 
 const INTERNAL_PREFIX: &str = "x-remora-";
 

@@ -136,9 +136,9 @@ fn sum(slots: &[(u64, u64); 10], second: u64) -> u64 {
 pub fn retryable(policy: &RetryPolicy, outcome: Result<&Response<Incoming>, &ProxyError>) -> bool {
     let on: &RetryOn = &policy.on;
     match outcome {
-        Err(ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) => {
-            on.connect_failure || on.server_error || on.gateway_error
-        }
+        Err(
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::Tls { .. },
+        ) => on.connect_failure || on.server_error || on.gateway_error,
         Err(ProxyError::Reset { .. }) => on.reset || on.server_error,
         Err(ProxyError::PerTryTimeout(_)) => on.server_error || on.gateway_error || on.reset,
         Err(_) => false,

@@ -5,7 +5,7 @@
 //! Rules:
 //! - LDS and CDS are wildcard subscriptions; RDS follows the route table
 //!   the `outbound` listener names, EDS the assignments every cluster
-//!   names. When those sets change a new request says so, carrying the
+//!   names, SDS the fixed names given at construction (the trust bundle). When those sets change a new request says so, carrying the
 //!   type's last accepted version and last nonce.
 //! - Every response is answered: an ACK carries its version; a NACK carries
 //!   the last accepted version and an `error_detail` (code 3,
@@ -89,7 +89,7 @@ pub struct AdsClient {
     node: Node,
     compiler: Compiler,
     /// Indexed by `ResourceKind as usize`.
-    types: [TypeState; 4],
+    types: [TypeState; 5],
     node_sent: bool,
 }
 
@@ -104,6 +104,15 @@ impl AdsClient {
         }
     }
 
+    /// Also subscribes to the secrets `names` (SDS), from the first stream.
+    pub fn with_secrets<'a>(mut self, names: impl IntoIterator<Item = &'a str>) -> AdsClient {
+        let names: BTreeSet<String> = names.into_iter().map(str::to_owned).collect();
+        if !names.is_empty() {
+            self.state_mut(ResourceKind::Secret).subscribed = Some(names);
+        }
+        self
+    }
+
     /// A new stream is up: the requests that open it. LDS and CDS always;
     /// RDS and EDS when names are known from an earlier stream. Each
     /// carries the last accepted version so an unchanged control plane has
@@ -113,8 +122,9 @@ impl AdsClient {
         for state in &mut self.types {
             state.nonce.clear();
         }
-        // Clusters before listeners, as Envoy asks.
+        // Secrets, then clusters before listeners, as Envoy asks.
         let order = [
+            ResourceKind::Secret,
             ResourceKind::Cluster,
             ResourceKind::Endpoint,
             ResourceKind::Listener,

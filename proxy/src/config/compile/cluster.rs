@@ -12,6 +12,8 @@ use remora_xds_proto::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, ClusterProtocolSelection, DiscoveryType, LbPolicy as PbLb},
 };
 use remora_xds_proto::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+use remora_xds_proto::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
+use remora_xds_proto::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
 use remora_xds_proto::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
     http_protocol_options::{UpstreamProtocolOptions, explicit_http_config::ProtocolConfig},
@@ -25,6 +27,8 @@ use crate::config::{AppProtocol, LbPolicy};
 pub(super) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The key Envoy reads upstream HTTP protocol options under.
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+/// The type name of Envoy's plaintext transport socket.
+const RAW_BUFFER: &str = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
 
 /// What the proxy keeps of a cluster until its endpoints join it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,16 +96,23 @@ pub(super) fn compile(c: &Cluster) -> Result<ClusterSpec> {
             ));
         }
     };
-    let tls = "is not supported (TLS to upstreams comes with the identity work)";
-    if c.transport_socket.is_some() {
-        return Err(Invalid::new("transport_socket", tls));
+    // The proxy secures a connection by the endpoint's identity metadata:
+    // mTLS with that identity when present, plaintext otherwise. The TLS
+    // contexts the control plane adds for Envoy say the same thing and are
+    // only checked to be of a kind that agrees.
+    if let Some(socket) = &c.transport_socket {
+        transport_socket(socket).map_err(|e| e.within("transport_socket."))?;
     }
-    if !c.transport_socket_matches.is_empty() {
-        return Err(Invalid::new("transport_socket_matches", tls));
+    for (i, m) in c.transport_socket_matches.iter().enumerate() {
+        if let Some(socket) = &m.transport_socket {
+            let prefix = format!("transport_socket_matches[{i}].transport_socket.");
+            transport_socket(socket).map_err(|e| e.within(&prefix))?;
+        }
     }
-    if c.transport_socket_matcher.is_some() {
-        return Err(Invalid::new("transport_socket_matcher", tls));
-    }
+    reject_if(
+        c.transport_socket_matcher.is_some(),
+        "transport_socket_matcher",
+    )?;
     reject_if(!c.health_checks.is_empty(), "health_checks")?;
     reject_if(c.outlier_detection.is_some(), "outlier_detection")?;
     reject_if(c.circuit_breakers.is_some(), "circuit_breakers")?;
@@ -163,6 +174,26 @@ pub(super) fn compile(c: &Cluster) -> Result<ClusterSpec> {
         lb_policy,
         protocol,
     })
+}
+
+/// Transport sockets that agree with the proxy's own choice: TLS (an
+/// `UpstreamTlsContext`) or plaintext (`raw_buffer`).
+fn transport_socket(socket: &TransportSocket) -> Result<()> {
+    let url = match &socket.config_type {
+        Some(transport_socket::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+        None => return Err(Invalid::new("typed_config", "is missing")),
+    };
+    if url == <UpstreamTlsContext as prost::Name>::type_url() || url.ends_with(RAW_BUFFER) {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            "typed_config",
+            format!(
+                "{} is not supported (only UpstreamTlsContext or raw_buffer)",
+                url.trim_start_matches("type.googleapis.com/")
+            ),
+        ))
+    }
 }
 
 fn http_protocol(options: &HttpProtocolOptions) -> Result<AppProtocol> {

@@ -12,6 +12,8 @@ use remora_xds_proto::pb::envoy::config::endpoint::v3::{
 };
 use remora_xds_proto::pb::google::protobuf::value::Kind;
 
+use crate::identity::SpiffeId;
+
 use super::{Invalid, Result, reject_if};
 
 /// The members of one assignment that take traffic, in the order sent.
@@ -158,7 +160,13 @@ fn identity(m: &Metadata) -> Result<Option<String>> {
         .map(|v| v.kind.as_ref())
     {
         None => Ok(None),
-        Some(Some(Kind::StringValue(s))) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(Some(Kind::StringValue(s))) if !s.is_empty() => match SpiffeId::parse(s) {
+            Ok(_) => Ok(Some(s.clone())),
+            Err(e) => Err(Invalid::new(
+                field,
+                format!("{s:?} is not a SPIFFE ID: {e}"),
+            )),
+        },
         Some(Some(Kind::StringValue(_))) => Err(Invalid::new(field, "is empty")),
         Some(_) => Err(Invalid::new(field, "must be a string (a SPIFFE ID)")),
     }

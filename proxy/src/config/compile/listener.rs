@@ -1,7 +1,9 @@
-//! Listeners: only the explicit `outbound` listener matters, for the name of
-//! its route table. The others (`0.0.0.0_PORT`, `VIP_PORT`) serve
-//! transparent interception, which comes later: they are accepted and
-//! ignored.
+//! Listeners: the explicit `outbound` listener matters for the name of its
+//! route table, and `inbound` for what the inbound port accepts (its filter
+//! chains' transport protocols: `tls` only is STRICT, `tls` and
+//! `raw_buffer` is PERMISSIVE). The others (`0.0.0.0_PORT`, `VIP_PORT`)
+//! serve transparent interception, which comes later: they are accepted
+//! and ignored.
 
 use remora_xds_proto::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
 use remora_xds_proto::pb::envoy::config::listener::v3::{Filter, Listener, filter};
@@ -12,7 +14,8 @@ use remora_xds_proto::pb::envoy::extensions::filters::network::http_connection_m
 };
 use remora_xds_proto::unpack;
 
-use super::{Invalid, OUTBOUND_LISTENER, Result, element, reject_if};
+use super::{INBOUND_LISTENER, Invalid, OUTBOUND_LISTENER, Result, element, reject_if};
+use crate::config::InboundMode;
 
 /// The network filter name of the HTTP connection manager.
 const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
@@ -25,11 +28,22 @@ pub(super) struct ListenerSpec {
     /// The RDS name its HTTP connection manager uses; `None` for the
     /// listeners the proxy ignores.
     pub(super) route_config: Option<String>,
+    /// For `inbound`: what the inbound port accepts.
+    pub(super) inbound_mode: Option<InboundMode>,
 }
 
 pub(super) fn compile(listener: &Listener) -> Result<ListenerSpec> {
+    if listener.name == INBOUND_LISTENER {
+        return inbound(listener).map(|mode| ListenerSpec {
+            route_config: None,
+            inbound_mode: Some(mode),
+        });
+    }
     if listener.name != OUTBOUND_LISTENER {
-        return Ok(ListenerSpec { route_config: None });
+        return Ok(ListenerSpec {
+            route_config: None,
+            inbound_mode: None,
+        });
     }
     // The address is ignored: the proxy binds where its own flags say.
     reject_if(listener.api_listener.is_some(), "api_listener")?;
@@ -74,6 +88,42 @@ pub(super) fn compile(listener: &Listener) -> Result<ListenerSpec> {
         .map_err(|e| e.within(&format!("{prefix}filters[0].typed_config ({HCM_FILTER}).")))?;
     Ok(ListenerSpec {
         route_config: Some(route_config),
+        inbound_mode: None,
+    })
+}
+
+/// The mode of the `inbound` listener: a chain for `tls` is required (the
+/// mesh always speaks mTLS); a `raw_buffer` chain as well means PERMISSIVE.
+fn inbound(listener: &Listener) -> Result<InboundMode> {
+    let mut tls = false;
+    let mut plaintext = false;
+    for (i, chain) in listener.filter_chains.iter().enumerate() {
+        let protocol = chain
+            .filter_chain_match
+            .as_ref()
+            .map_or("", |m| m.transport_protocol.as_str());
+        match protocol {
+            "tls" => tls = true,
+            "raw_buffer" => plaintext = true,
+            other => {
+                return Err(Invalid::new(
+                    "filter_chain_match.transport_protocol",
+                    format!("{other:?} is not supported (only \"tls\" or \"raw_buffer\")"),
+                )
+                .within(&element("filter_chains", i, &chain.name)));
+            }
+        }
+    }
+    if !tls {
+        return Err(Invalid::new(
+            "filter_chains",
+            "has no chain for transport_protocol \"tls\"; the inbound port always takes mTLS",
+        ));
+    }
+    Ok(if plaintext {
+        InboundMode::Permissive
+    } else {
+        InboundMode::Strict
     })
 }
 

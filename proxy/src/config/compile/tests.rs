@@ -999,9 +999,7 @@ fn cluster_nacks() {
         c.transport_socket = Some(TransportSocket::default())
     });
     assert!(
-        msg.ends_with(
-            "transport_socket: is not supported (TLS to upstreams comes with the identity work)"
-        ),
+        msg.ends_with("transport_socket.typed_config: is missing"),
         "{msg}"
     );
     let msg = cds_error(CATALOG_V1, |c| c.health_checks.push(HealthCheck::default()));

@@ -525,7 +525,7 @@ async fn the_renewal_loop_renews_and_survives_an_outage() {
 #[test]
 fn bootstrap_parses_the_identity_flags() {
     let b = crate::bootstrap::Bootstrap::try_parse_from(["remora-proxy"]).unwrap();
-    assert_eq!(b.ca_addr, "127.0.0.1:15012");
+    assert_eq!(b.ca_addr(), "127.0.0.1:15012");
     assert_eq!(b.trust_domain, "cluster.local");
     assert!(b.ca_bundle.is_none() && b.token_file.is_none());
     let b = crate::bootstrap::Bootstrap::try_parse_from([
@@ -540,7 +540,7 @@ fn bootstrap_parses_the_identity_flags() {
         "example.org",
     ])
     .unwrap();
-    assert_eq!(b.ca_addr, "cp:15012");
+    assert_eq!(b.ca_addr(), "cp:15012");
     assert_eq!(b.ca_bundle, Some(PathBuf::from("/etc/remora/root.pem")));
     assert_eq!(b.token_file, Some(PathBuf::from("/var/run/remora/token")));
     assert_eq!(b.trust_domain, "example.org");
