@@ -15,6 +15,7 @@ mod clusters;
 mod endpoints;
 mod listeners;
 mod routes;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -30,11 +31,38 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::model::{Mesh, Service, ServiceKey, ServicePort};
 
+pub use tls::{SECRET_DEFAULT, SECRET_ROOTCA};
+
 /// Node metadata key for the explicit outbound listener's address.
 pub const META_OUTBOUND_LISTENER: &str = "REMORA_OUTBOUND_LISTENER";
 /// Node metadata key naming the config generator; `grpc` selects the
 /// proxyless gRPC view (Istio's convention).
 pub const META_GENERATOR: &str = "GENERATOR";
+/// Node metadata key for the address a sidecar binds its inbound listener
+/// at (`ip:port`); with it, the node is sent the [`INBOUND`] listener.
+pub const META_INBOUND_LISTENER: &str = "REMORA_INBOUND_LISTENER";
+/// Node metadata key for the local application's address (`ip:port`), for
+/// sidecars (a stock Envoy) that learn it from the control plane: with it,
+/// the node is sent the STATIC cluster [`INBOUND_APP_CLUSTER`].
+pub const META_APP_ADDRESS: &str = "REMORA_APP_ADDRESS";
+/// Node metadata key for the local application's protocol: `http`
+/// (HTTP/1.1, the default), `http2` or `grpc` (HTTP/2).
+pub const META_APP_PROTOCOL: &str = "REMORA_APP_PROTOCOL";
+/// Node metadata key for the node's namespace (Istio's convention); with
+/// `node.cluster` (the service name) it names the node's service, and with
+/// [`META_SERVICE_ACCOUNT`] its identity. Default `default`.
+pub const META_NAMESPACE: &str = "NAMESPACE";
+/// Node metadata key for the node's service account (Istio's convention).
+pub const META_SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+/// Node metadata key for the workload's bootstrap token (see the mesh
+/// file's `workload_tokens`), with which a node that cannot make a CSR
+/// (a stock Envoy) is sent its certificate over SDS. Never logged.
+pub const META_TOKEN: &str = "REMORA_TOKEN";
+/// Name of a sidecar's inbound listener.
+pub const INBOUND: &str = "inbound";
+/// Name of the cluster a sidecar's inbound listener sends requests to: the
+/// local application.
+pub const INBOUND_APP_CLUSTER: &str = "inbound|app";
 /// Default address of the explicit outbound listener.
 pub const DEFAULT_OUTBOUND_LISTENER: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15001);
@@ -43,10 +71,14 @@ pub const OUTBOUND: &str = "outbound";
 
 // === Views ===
 
-/// The resource types served, in make-before-break push order: clusters,
-/// then their endpoints, then listeners, then the routes listeners use.
+/// The resource types served, in make-before-break push order: secrets
+/// (clusters and listeners wait for theirs), clusters, then their
+/// endpoints, then listeners, then the routes listeners use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum ResourceType {
+    /// SDS. Not part of a view: secrets are per client (see
+    /// `xds::secrets`).
+    Secret,
     /// CDS.
     Cluster,
     /// EDS.
@@ -59,7 +91,8 @@ pub enum ResourceType {
 
 impl ResourceType {
     /// All types in push order.
-    pub const ALL: [ResourceType; 4] = [
+    pub const ALL: [ResourceType; 5] = [
+        ResourceType::Secret,
         ResourceType::Cluster,
         ResourceType::Endpoint,
         ResourceType::Listener,
@@ -69,6 +102,7 @@ impl ResourceType {
     /// The type URL.
     pub fn type_url(self) -> &'static str {
         match self {
+            ResourceType::Secret => type_url::SECRET,
             ResourceType::Cluster => type_url::CLUSTER,
             ResourceType::Endpoint => type_url::ENDPOINT,
             ResourceType::Listener => type_url::LISTENER,
@@ -81,7 +115,7 @@ impl ResourceType {
         ResourceType::ALL.into_iter().find(|t| t.type_url() == url)
     }
 
-    /// `CDS`, `EDS`, `LDS`, `RDS`.
+    /// `SDS`, `CDS`, `EDS`, `LDS`, `RDS`.
     pub fn short_name(self) -> &'static str {
         type_url::short_name(self.type_url())
     }
@@ -115,6 +149,31 @@ pub struct View {
     pub flavor: Flavor,
     /// Where a sidecar binds its explicit outbound listener.
     pub outbound_listener: SocketAddr,
+    /// A sidecar's inbound side, when its node names an inbound listener.
+    pub inbound: Option<InboundView>,
+}
+
+/// What a sidecar's inbound listener depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct InboundView {
+    /// Where the listener is bound ([`META_INBOUND_LISTENER`]).
+    pub listener: SocketAddr,
+    /// The node's service: `node.cluster` in namespace [`META_NAMESPACE`].
+    /// Its `mtls` mode decides whether plaintext is accepted; a service
+    /// the mesh does not know is STRICT.
+    pub service: ServiceKey,
+    /// The local application, when the control plane is to send the
+    /// cluster that reaches it ([`META_APP_ADDRESS`]).
+    pub app: Option<AppView>,
+}
+
+/// The local application behind a sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct AppView {
+    /// Its address ([`META_APP_ADDRESS`]).
+    pub address: SocketAddr,
+    /// True when it speaks HTTP/2 ([`META_APP_PROTOCOL`] `http2` or `grpc`).
+    pub http2: bool,
 }
 
 /// Why a node descriptor cannot be served.
@@ -129,30 +188,80 @@ pub struct NodeError {
 impl View {
     /// The view a node asks for through its metadata.
     pub fn for_node(node: &Node) -> Result<View, NodeError> {
-        let meta = |key: &str| -> Option<&str> {
-            let fields = &node.metadata.as_ref()?.fields;
-            match fields.get(key)?.kind.as_ref()? {
-                Kind::StringValue(s) => Some(s.as_str()),
-                _ => None,
-            }
-        };
+        let meta = |key: &str| node_metadata(node, key);
         let flavor = if meta(META_GENERATOR) == Some("grpc") {
             Flavor::ProxylessGrpc
         } else {
             Flavor::Sidecar
         };
-        let outbound_listener = match meta(META_OUTBOUND_LISTENER) {
-            None => DEFAULT_OUTBOUND_LISTENER,
-            Some(s) => s.parse().map_err(|e| NodeError {
-                node: node.id.clone(),
-                field: META_OUTBOUND_LISTENER,
-                message: format!("{s:?} is not an ip:port socket address ({e})"),
-            })?,
+        let address = |field: &'static str| -> Result<Option<SocketAddr>, NodeError> {
+            meta(field)
+                .map(|s| {
+                    s.parse().map_err(|e| NodeError {
+                        node: node.id.clone(),
+                        field,
+                        message: format!("{s:?} is not an ip:port socket address ({e})"),
+                    })
+                })
+                .transpose()
+        };
+        let outbound_listener =
+            address(META_OUTBOUND_LISTENER)?.unwrap_or(DEFAULT_OUTBOUND_LISTENER);
+        let inbound = match (flavor, address(META_INBOUND_LISTENER)?) {
+            (Flavor::Sidecar, Some(listener)) => {
+                let app = match address(META_APP_ADDRESS)? {
+                    None => None,
+                    Some(address) => {
+                        let http2 = match meta(META_APP_PROTOCOL) {
+                            None | Some("http") => false,
+                            Some("http2" | "grpc") => true,
+                            Some(other) => {
+                                return Err(NodeError {
+                                    node: node.id.clone(),
+                                    field: META_APP_PROTOCOL,
+                                    message: format!(
+                                        "{other:?} is not an application protocol \
+                                         (http, http2 or grpc)"
+                                    ),
+                                });
+                            }
+                        };
+                        Some(AppView { address, http2 })
+                    }
+                };
+                Some(InboundView {
+                    listener,
+                    service: ServiceKey {
+                        namespace: meta(META_NAMESPACE).unwrap_or("default").to_string(),
+                        name: node.cluster.clone(),
+                    },
+                    app,
+                })
+            }
+            _ => None,
         };
         Ok(View {
             flavor,
             outbound_listener,
+            inbound,
         })
+    }
+
+    /// A sidecar view with no inbound listener.
+    pub fn sidecar(outbound_listener: SocketAddr) -> View {
+        View {
+            flavor: Flavor::Sidecar,
+            outbound_listener,
+            inbound: None,
+        }
+    }
+}
+
+/// A string field of a node's metadata.
+pub fn node_metadata<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    match node.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.as_str()),
+        _ => None,
     }
 }
 
@@ -197,7 +306,8 @@ pub struct TypeResources {
 }
 
 impl TypeResources {
-    fn new(resources: Vec<Resource>) -> TypeResources {
+    /// Resources of one type, with the type's version computed from them.
+    pub fn new(resources: Vec<Resource>) -> TypeResources {
         let resources: BTreeMap<String, Resource> =
             resources.into_iter().map(|r| (r.name.clone(), r)).collect();
         let mut hasher = Xxh3::new();
@@ -217,29 +327,33 @@ impl TypeResources {
 /// Everything one view of the mesh holds, per type.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resources {
-    by_type: [TypeResources; 4],
+    by_type: [TypeResources; 5],
 }
 
 impl Resources {
-    /// The resources of `ty`.
+    /// The resources of `ty` (none for [`ResourceType::Secret`]: secrets
+    /// are per client).
     pub fn of(&self, ty: ResourceType) -> &TypeResources {
         &self.by_type[ty as usize]
     }
 }
 
-fn resource<M: prost::Message + prost::Name>(name: String, message: &M) -> Resource {
+/// Packs `message` as the resource `name`, versioned by a hash of its
+/// encoding.
+pub fn resource<M: prost::Message + prost::Name>(name: String, message: &M) -> Resource {
     let any = pack(message);
     // A stable hash: the same mesh gives the same versions after a restart,
     // so reconnecting clients are not sent changes that are not changes.
     // Messages must not contain maps with more than one entry, whose
-    // encoding order would vary.
+    // encoding order would vary, unless built to iterate in a fixed order
+    // (`tls::endpoint_filter_metadata`).
     let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&any.value));
     Resource { name, version, any }
 }
 
 /// Translates the mesh for one view.
 pub fn translate(mesh: &Mesh, view: &View) -> Resources {
-    let clusters = clusters::clusters(mesh, view.flavor)
+    let clusters = clusters::clusters(mesh, view)
         .into_iter()
         .map(|c| resource(c.name.clone(), &c))
         .collect();
@@ -257,6 +371,7 @@ pub fn translate(mesh: &Mesh, view: &View) -> Resources {
         .collect();
     Resources {
         by_type: [
+            TypeResources::default(),
             TypeResources::new(clusters),
             TypeResources::new(endpoints),
             TypeResources::new(listeners),

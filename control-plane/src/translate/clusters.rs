@@ -1,26 +1,41 @@
-//! Clusters: one EDS cluster per service port and subset.
+//! Clusters: one EDS cluster per service port and subset, reaching
+//! sidecar endpoints over mutual TLS (sidecar view); and, for a sidecar
+//! that asks, the STATIC cluster of its local application.
 
 use remora_xds_proto::pack;
 use remora_xds_proto::pb::envoy::config::cluster::v3::{
     Cluster,
-    cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
+    cluster::{
+        ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy, TransportSocketMatch,
+    },
 };
-use remora_xds_proto::pb::envoy::config::core::v3::Http2ProtocolOptions;
+use remora_xds_proto::pb::envoy::config::core::v3::{Http1ProtocolOptions, Http2ProtocolOptions};
+use remora_xds_proto::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier,
+};
 use remora_xds_proto::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
     http_protocol_options::{
-        ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+        AutoHttpConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+        explicit_http_config::ProtocolConfig,
     },
 };
 
-use super::{Flavor, ads, all_clusters, cluster_name, duration};
-use crate::model::{LoadBalancer, Mesh};
+use super::listeners::socket_address;
+use super::tls::{
+    MTLS_MATCH_NAME, UpstreamTls, mtls_match, upstream_tls, upstream_transport_socket,
+};
+use super::{
+    AppView, Flavor, INBOUND_APP_CLUSTER, View, ads, all_clusters, cluster_name, duration,
+};
+use crate::model::{DEFAULT_CONNECT_TIMEOUT, LoadBalancer, Mesh};
 
 /// The key Envoy reads upstream HTTP protocol options under.
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-pub(super) fn clusters(mesh: &Mesh, flavor: Flavor) -> Vec<Cluster> {
-    all_clusters(mesh)
+pub(super) fn clusters(mesh: &Mesh, view: &View) -> Vec<Cluster> {
+    let flavor = view.flavor;
+    let mut clusters: Vec<Cluster> = all_clusters(mesh)
         .map(|(service, port, subset)| {
             let name = cluster_name(&service.key(), port.port, subset);
             let lb_policy = match (flavor, service.load_balancer) {
@@ -40,24 +55,111 @@ pub(super) fn clusters(mesh: &Mesh, flavor: Flavor) -> Vec<Cluster> {
                 lb_policy: lb_policy as i32,
                 ..Default::default()
             };
-            if flavor == Flavor::Sidecar && port.protocol.is_h2() {
+            if flavor != Flavor::Sidecar {
+                // gRPC clients do not speak SDS: no TLS contexts for them.
+                return cluster;
+            }
+            let protocol = match upstream_tls(mesh, service, port, subset) {
+                UpstreamTls::Plaintext => port.protocol.is_h2().then(http2),
+                UpstreamTls::All(ids) => {
+                    cluster.transport_socket = Some(upstream_transport_socket(&ids));
+                    // Between sidecars the protocol is HTTP/2, whatever the
+                    // application speaks.
+                    Some(http2())
+                }
+                UpstreamTls::Mixed(ids) => {
+                    cluster.transport_socket_matches = vec![TransportSocketMatch {
+                        name: MTLS_MATCH_NAME.to_string(),
+                        r#match: Some(mtls_match()),
+                        transport_socket: Some(upstream_transport_socket(&ids)),
+                    }];
+                    // Sidecars get HTTP/2 through ALPN; plain endpoints of
+                    // an HTTP/1 port get HTTP/1.1.
+                    Some(if port.protocol.is_h2() {
+                        http2()
+                    } else {
+                        auto_http()
+                    })
+                }
+            };
+            if let Some(options) = protocol {
                 // One entry only: map encoding order must stay stable for
                 // the content hash.
-                cluster.typed_extension_protocol_options.insert(
-                    HTTP_PROTOCOL_OPTIONS.to_string(),
-                    pack(&HttpProtocolOptions {
-                        upstream_protocol_options: Some(
-                            UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
-                                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                                    Http2ProtocolOptions::default(),
-                                )),
-                            }),
-                        ),
-                        ..Default::default()
-                    }),
-                );
+                cluster
+                    .typed_extension_protocol_options
+                    .insert(HTTP_PROTOCOL_OPTIONS.to_string(), pack(&options));
             }
             cluster
         })
-        .collect()
+        .collect();
+    if let Some(app) = view.inbound.as_ref().and_then(|i| i.app.as_ref()) {
+        clusters.push(inbound_app_cluster(app));
+    }
+    clusters
+}
+
+/// The local application, for a sidecar that learns its address from the
+/// control plane ([`super::META_APP_ADDRESS`]).
+fn inbound_app_cluster(app: &AppView) -> Cluster {
+    let mut cluster = Cluster {
+        name: INBOUND_APP_CLUSTER.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        connect_timeout: Some(duration(DEFAULT_CONNECT_TIMEOUT)),
+        lb_policy: LbPolicy::RoundRobin as i32,
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: INBOUND_APP_CLUSTER.to_string(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket_address(app.address)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let options = if app.http2 { http2() } else { http1() };
+    cluster
+        .typed_extension_protocol_options
+        .insert(HTTP_PROTOCOL_OPTIONS.to_string(), pack(&options));
+    cluster
+}
+
+fn explicit(protocol_config: ProtocolConfig) -> HttpProtocolOptions {
+    HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(protocol_config),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn http2() -> HttpProtocolOptions {
+    explicit(ProtocolConfig::Http2ProtocolOptions(
+        Http2ProtocolOptions::default(),
+    ))
+}
+
+fn http1() -> HttpProtocolOptions {
+    explicit(ProtocolConfig::HttpProtocolOptions(
+        Http1ProtocolOptions::default(),
+    ))
+}
+
+/// HTTP/2 when ALPN says so (TLS to a sidecar), else HTTP/1.1.
+fn auto_http() -> HttpProtocolOptions {
+    HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::AutoConfig(AutoHttpConfig {
+            http_protocol_options: Some(Http1ProtocolOptions::default()),
+            http2_protocol_options: Some(Http2ProtocolOptions::default()),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
 }

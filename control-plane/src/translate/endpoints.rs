@@ -10,17 +10,20 @@ use remora_xds_proto::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints,
     lb_endpoint::HostIdentifier,
 };
-use remora_xds_proto::pb::google::protobuf::{Struct, UInt32Value};
+use remora_xds_proto::pb::google::protobuf::UInt32Value;
 
-use remora_xds_proto::metadata;
-
-use super::{all_clusters, cluster_name, string_value};
+use super::tls::{UpstreamTls, endpoint_filter_metadata, upstream_tls};
+use super::{all_clusters, cluster_name};
 use crate::model::{Endpoint, Health, Mesh, ServicePort};
 
 pub(super) fn load_assignments(mesh: &Mesh) -> Vec<ClusterLoadAssignment> {
     all_clusters(mesh)
         .map(|(service, port, subset_name)| {
             let subset = subset_name.and_then(|n| service.subset(n));
+            let mixed = matches!(
+                upstream_tls(mesh, service, port, subset_name),
+                UpstreamTls::Mixed(_)
+            );
             // Group by zone; BTreeMap keeps the order (and so the bytes)
             // stable.
             let mut localities: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
@@ -30,7 +33,7 @@ pub(super) fn load_assignments(mesh: &Mesh) -> Vec<ClusterLoadAssignment> {
                 localities
                     .entry(zone)
                     .or_default()
-                    .push(lb_endpoint(mesh, endpoint, port));
+                    .push(lb_endpoint(mesh, endpoint, port, mixed));
                 let w = weights.entry(zone).or_default();
                 *w = w.saturating_add(endpoint.weight.get());
             }
@@ -59,26 +62,16 @@ pub(super) fn load_assignments(mesh: &Mesh) -> Vec<ClusterLoadAssignment> {
         .collect()
 }
 
-fn lb_endpoint(mesh: &Mesh, endpoint: &Endpoint, port: &ServicePort) -> LbEndpoint {
+fn lb_endpoint(mesh: &Mesh, endpoint: &Endpoint, port: &ServicePort, mixed: bool) -> LbEndpoint {
     let health = match endpoint.health {
         Health::Healthy => HealthStatus::Healthy,
         Health::Unhealthy => HealthStatus::Unhealthy,
         Health::Draining => HealthStatus::Draining,
     };
-    // Only endpoints with a sidecar carry an identity. Maps here hold one
-    // entry each, so their encoding (and the content hash) is stable.
+    // Only endpoints with a sidecar carry an identity, and in clusters
+    // that mix them with plain endpoints, the mark that selects mutual TLS.
     let metadata = endpoint.identity.as_ref().map(|identity| Metadata {
-        filter_metadata: [(
-            metadata::NAMESPACE.to_string(),
-            Struct {
-                fields: [(
-                    metadata::IDENTITY.to_string(),
-                    string_value(identity.spiffe_id(mesh.trust_domain())),
-                )]
-                .into(),
-            },
-        )]
-        .into(),
+        filter_metadata: endpoint_filter_metadata(identity.spiffe_id(mesh.trust_domain()), mixed),
         ..Default::default()
     });
     LbEndpoint {

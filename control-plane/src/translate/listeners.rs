@@ -1,5 +1,6 @@
-//! Listeners: where a sidecar accepts outbound traffic, or, for a proxyless
-//! gRPC client, the `api_listener` behind each target name.
+//! Listeners: where a sidecar accepts outbound traffic and, if it asks,
+//! inbound traffic from other sidecars; or, for a proxyless gRPC client,
+//! the `api_listener` behind each target name.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -8,29 +9,46 @@ use remora_xds_proto::pb::envoy::config::core::v3::{
     Address, SocketAddress, TrafficDirection, address, socket_address::PortSpecifier,
 };
 use remora_xds_proto::pb::envoy::config::listener::v3::{
-    ApiListener, Filter, FilterChain, Listener, filter,
+    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter,
+    listener_filter,
+};
+use remora_xds_proto::pb::envoy::config::route::v3::{
+    Route as PbRoute, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route::Action,
+    route_action::ClusterSpecifier, route_match::PathSpecifier,
 };
 use remora_xds_proto::pb::envoy::extensions::filters::http::router::v3::Router;
+use remora_xds_proto::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use remora_xds_proto::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
+    HttpConnectionManager, HttpFilter, Rds,
+    http_connection_manager::{CodecType, RouteSpecifier},
     http_filter::ConfigType,
 };
 use remora_xds_proto::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
-    TcpProxy, tcp_proxy::ClusterSpecifier,
+    TcpProxy, tcp_proxy::ClusterSpecifier as TcpClusterSpecifier,
 };
 use remora_xds_proto::pb::google::protobuf::BoolValue;
 
 use super::routes::{ShortNames, http_ports};
-use super::{Flavor, OUTBOUND, View, ads, cluster_name};
-use crate::model::{Mesh, Protocol};
+use super::tls::{TRANSPORT_RAW_BUFFER, TRANSPORT_TLS, downstream_transport_socket};
+use super::{
+    Flavor, INBOUND, INBOUND_APP_CLUSTER, InboundView, OUTBOUND, View, ads, cluster_name, duration,
+};
+use crate::model::{Mesh, MtlsMode, Protocol};
 
 const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
+const TLS_INSPECTOR_FILTER: &str = "envoy.filters.listener.tls_inspector";
 
 pub(super) fn listeners(mesh: &Mesh, view: &View) -> Vec<Listener> {
     match view.flavor {
-        Flavor::Sidecar => sidecar_listeners(mesh, view.outbound_listener),
+        Flavor::Sidecar => {
+            let mut listeners = sidecar_listeners(mesh, view.outbound_listener);
+            if let Some(inbound) = &view.inbound {
+                listeners.push(inbound_listener(mesh, inbound));
+            }
+            listeners
+        }
         Flavor::ProxylessGrpc => api_listeners(mesh),
     }
 }
@@ -74,7 +92,7 @@ fn sidecar_listeners(mesh: &Mesh, outbound: SocketAddr) -> Vec<Listener> {
             let cluster = cluster_name(&service.key(), port.port, None);
             let tcp_proxy = TcpProxy {
                 stat_prefix: cluster.clone(),
-                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster)),
+                cluster_specifier: Some(TcpClusterSpecifier::Cluster(cluster)),
                 ..Default::default()
             };
             listeners.push(unbound_listener(
@@ -84,6 +102,87 @@ fn sidecar_listeners(mesh: &Mesh, outbound: SocketAddr) -> Vec<Listener> {
         }
     }
     listeners
+}
+
+/// The sidecar's inbound listener: mutual TLS (a client certificate of
+/// the mesh required), and for a PERMISSIVE service also plaintext, told
+/// apart by the TLS inspector. Every request goes to the local
+/// application ([`INBOUND_APP_CLUSTER`]). A Remora proxy reads only which
+/// transport protocols the chains match.
+fn inbound_listener(mesh: &Mesh, inbound: &InboundView) -> Listener {
+    let mode = mesh
+        .service(&inbound.service)
+        .map_or(MtlsMode::Strict, |s| s.mtls);
+    let hcm = network_filter(HCM_FILTER, &inbound_http_connection_manager());
+    let mut filter_chains = vec![FilterChain {
+        name: format!("{INBOUND}-tls"),
+        filter_chain_match: Some(FilterChainMatch {
+            transport_protocol: TRANSPORT_TLS.to_string(),
+            ..Default::default()
+        }),
+        filters: vec![hcm.clone()],
+        transport_socket: Some(downstream_transport_socket()),
+        ..Default::default()
+    }];
+    if mode == MtlsMode::Permissive {
+        filter_chains.push(FilterChain {
+            name: format!("{INBOUND}-plaintext"),
+            filter_chain_match: Some(FilterChainMatch {
+                transport_protocol: TRANSPORT_RAW_BUFFER.to_string(),
+                ..Default::default()
+            }),
+            filters: vec![hcm],
+            ..Default::default()
+        });
+    }
+    Listener {
+        name: INBOUND.to_string(),
+        address: Some(socket_address(inbound.listener)),
+        traffic_direction: TrafficDirection::Inbound as i32,
+        listener_filters: vec![ListenerFilter {
+            name: TLS_INSPECTOR_FILTER.to_string(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
+                &TlsInspector::default(),
+            ))),
+            ..Default::default()
+        }],
+        filter_chains,
+        ..Default::default()
+    }
+}
+
+fn inbound_http_connection_manager() -> HttpConnectionManager {
+    let route = PbRoute {
+        name: INBOUND.to_string(),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(PathSpecifier::Prefix("/".to_string())),
+            ..Default::default()
+        }),
+        action: Some(Action::Route(RouteAction {
+            cluster_specifier: Some(ClusterSpecifier::Cluster(INBOUND_APP_CLUSTER.to_string())),
+            // The caller's sidecar enforces the route's timeout; the
+            // default 15 s would cut long requests short.
+            timeout: Some(duration(std::time::Duration::ZERO)),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    HttpConnectionManager {
+        codec_type: CodecType::Auto as i32,
+        stat_prefix: INBOUND.to_string(),
+        route_specifier: Some(RouteSpecifier::RouteConfig(RouteConfiguration {
+            name: INBOUND.to_string(),
+            virtual_hosts: vec![VirtualHost {
+                name: INBOUND.to_string(),
+                domains: vec!["*".to_string()],
+                routes: vec![route],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        http_filters: vec![router_filter()],
+        ..Default::default()
+    }
 }
 
 fn unbound_listener(address: SocketAddr, filter: Filter) -> Listener {
@@ -135,11 +234,15 @@ fn http_connection_manager(route_config_name: &str) -> HttpConnectionManager {
             config_source: Some(ads()),
             route_config_name: route_config_name.to_string(),
         })),
-        http_filters: vec![HttpFilter {
-            name: ROUTER_FILTER.to_string(),
-            config_type: Some(ConfigType::TypedConfig(pack(&Router::default()))),
-            ..Default::default()
-        }],
+        http_filters: vec![router_filter()],
+        ..Default::default()
+    }
+}
+
+fn router_filter() -> HttpFilter {
+    HttpFilter {
+        name: ROUTER_FILTER.to_string(),
+        config_type: Some(ConfigType::TypedConfig(pack(&Router::default()))),
         ..Default::default()
     }
 }
@@ -151,7 +254,7 @@ fn network_filter<M: prost::Message + prost::Name>(name: &str, config: &M) -> Fi
     }
 }
 
-fn socket_address(addr: SocketAddr) -> Address {
+pub(super) fn socket_address(addr: SocketAddr) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: addr.ip().to_string(),

@@ -1,11 +1,11 @@
 use std::collections::BTreeSet;
 
-use remora_xds_proto::pb::envoy::config::cluster::v3::{Cluster, cluster::LbPolicy};
+use remora_xds_proto::pb::envoy::config::cluster::v3::{Cluster, cluster, cluster::LbPolicy};
 use remora_xds_proto::pb::envoy::config::core::v3::{Node, address, socket_address::PortSpecifier};
 use remora_xds_proto::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, lb_endpoint::HostIdentifier,
 };
-use remora_xds_proto::pb::envoy::config::listener::v3::Listener;
+use remora_xds_proto::pb::envoy::config::listener::v3::{Listener, filter};
 use remora_xds_proto::pb::envoy::config::route::v3::{
     RouteConfiguration, route::Action, route_action::ClusterSpecifier,
 };
@@ -15,13 +15,15 @@ use remora_xds_proto::unpack;
 use super::*;
 use crate::model::fixtures::*;
 use crate::model::{
-    Backoff, HeaderMatch, Mesh, PathMatch, Protocol, RetryOn, RetryPolicy, StringMatch, Subset,
+    Backoff, HeaderMatch, Identity, Mesh, MtlsMode, PathMatch, Protocol, RetryOn, RetryPolicy,
+    StringMatch, Subset,
 };
 
 fn sidecar() -> View {
     View {
         flavor: Flavor::Sidecar,
         outbound_listener: "127.0.0.1:15001".parse().expect("literal"),
+        inbound: None,
     }
 }
 
@@ -29,6 +31,7 @@ fn grpc() -> View {
     View {
         flavor: Flavor::ProxylessGrpc,
         outbound_listener: DEFAULT_OUTBOUND_LISTENER,
+        inbound: None,
     }
 }
 
@@ -168,6 +171,12 @@ fn one_cluster_per_port_and_subset_with_matching_endpoints() {
 fn h2_upstreams_get_http2_options_only_for_sidecars_and_grpc_gets_round_robin() {
     let mut m = mesh().services().to_vec();
     m[1].load_balancer = crate::model::LoadBalancer::LeastRequest;
+    // A plain web endpoint (no sidecar): its HTTP/1 cluster keeps HTTP/1.
+    for service in &mut m {
+        if service.name == "web" {
+            service.endpoints[0].identity = None;
+        }
+    }
     let m = Mesh::new("cluster.local".into(), m, Vec::new()).expect("valid");
     let side = translate(&m, &sidecar());
     let g: Cluster = decode(
@@ -441,10 +450,7 @@ fn views_come_from_node_metadata() {
     };
     assert_eq!(
         View::for_node(&node(&[])).expect("ok"),
-        View {
-            flavor: Flavor::Sidecar,
-            outbound_listener: DEFAULT_OUTBOUND_LISTENER
-        }
+        View::sidecar(DEFAULT_OUTBOUND_LISTENER)
     );
     assert_eq!(
         View::for_node(&node(&[("GENERATOR", "grpc")]))
@@ -460,4 +466,437 @@ fn views_come_from_node_metadata() {
         err.to_string().contains("REMORA_OUTBOUND_LISTENER"),
         "{err}"
     );
+}
+
+// === mutual TLS ===
+
+use remora_xds_proto::pb::envoy::config::core::v3::TransportSocket;
+use remora_xds_proto::pb::envoy::config::listener::v3::listener_filter;
+use remora_xds_proto::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager::RouteSpecifier,
+};
+use remora_xds_proto::pb::envoy::extensions::transport_sockets::tls::v3::{
+    DownstreamTlsContext, UpstreamTlsContext, common_tls_context::ValidationContextType,
+    tls_parameters::TlsProtocol,
+};
+use remora_xds_proto::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions,
+    http_protocol_options::{UpstreamProtocolOptions, explicit_http_config::ProtocolConfig},
+};
+use remora_xds_proto::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+
+fn identity(sa: &str) -> Option<Identity> {
+    Some(Identity {
+        namespace: "default".into(),
+        service_account: sa.into(),
+    })
+}
+
+/// web (PERMISSIVE, plain endpoint), api (two sidecars), mixed (a sidecar
+/// and a plain endpoint), db (tcp, sidecar).
+fn tls_mesh() -> Mesh {
+    let mut web = service("web", 80, Protocol::Http);
+    web.mtls = MtlsMode::Permissive;
+    web.endpoints[0].identity = None;
+    let mut api = service("api", 8080, Protocol::Http);
+    api.endpoints[0].identity = identity("api");
+    let mut second = endpoint([127, 0, 0, 2], 9000);
+    second.identity = identity("api-b");
+    api.endpoints.push(second);
+    let mut mixed = service("mixed", 8081, Protocol::Http);
+    mixed.endpoints[0].identity = identity("mixed");
+    let mut plain = endpoint([127, 0, 0, 3], 9000);
+    plain.identity = None;
+    mixed.endpoints.push(plain);
+    let mut db = service("db", 5432, Protocol::Tcp);
+    db.endpoints[0].identity = identity("db");
+    Mesh::new(
+        "cluster.local".into(),
+        vec![web, api, mixed, db],
+        Vec::new(),
+    )
+    .expect("valid")
+}
+
+fn cluster(res: &Resources, name: &str) -> Cluster {
+    let r = &res.of(ResourceType::Cluster).resources[name];
+    unpack(&r.any).expect("a cluster")
+}
+
+fn protocol_options(c: &Cluster) -> Option<UpstreamProtocolOptions> {
+    let any = c
+        .typed_extension_protocol_options
+        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")?;
+    unpack::<HttpProtocolOptions>(any)
+        .expect("options")
+        .upstream_protocol_options
+}
+
+fn is_explicit_h2(options: Option<UpstreamProtocolOptions>) -> bool {
+    matches!(
+        options,
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(e))
+            if matches!(e.protocol_config, Some(ProtocolConfig::Http2ProtocolOptions(_)))
+    )
+}
+
+fn upstream_context(socket: &TransportSocket) -> UpstreamTlsContext {
+    assert_eq!(socket.name, "envoy.transport_sockets.tls");
+    let Some(
+        remora_xds_proto::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+            any,
+        ),
+    ) = &socket.config_type
+    else {
+        panic!("typed config expected");
+    };
+    unpack(any).expect("an UpstreamTlsContext")
+}
+
+/// The exact URI SANs and SDS names of an upstream context.
+fn sans_and_secrets(ctx: &UpstreamTlsContext) -> (Vec<String>, String, String) {
+    let common = ctx.common_tls_context.as_ref().expect("common context");
+    let params = common.tls_params.as_ref().expect("params");
+    assert_eq!(
+        params.tls_minimum_protocol_version,
+        TlsProtocol::TlSv13 as i32
+    );
+    assert_eq!(
+        params.tls_maximum_protocol_version,
+        TlsProtocol::TlSv13 as i32
+    );
+    assert_eq!(common.alpn_protocols, ["h2"]);
+    let cert = common.tls_certificate_sds_secret_configs[0].name.clone();
+    let Some(ValidationContextType::CombinedValidationContext(combined)) =
+        &common.validation_context_type
+    else {
+        panic!("a combined validation context expected");
+    };
+    let sans = combined
+        .default_validation_context
+        .as_ref()
+        .expect("default context")
+        .match_typed_subject_alt_names
+        .iter()
+        .map(|m| {
+            assert_eq!(m.san_type, 3, "URI");
+            match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
+                Some(MatchPattern::Exact(s)) => s.clone(),
+                other => panic!("exact matcher expected, got {other:?}"),
+            }
+        })
+        .collect();
+    let root = combined
+        .validation_context_sds_secret_config
+        .as_ref()
+        .expect("SDS root")
+        .name
+        .clone();
+    (sans, cert, root)
+}
+
+#[test]
+fn clusters_of_sidecar_endpoints_speak_mtls_and_h2() {
+    let res = translate(&tls_mesh(), &sidecar());
+    let api = cluster(&res, "outbound|8080||api.default.svc.cluster.local");
+    let (sans, cert, root) = sans_and_secrets(&upstream_context(
+        api.transport_socket.as_ref().expect("TLS"),
+    ));
+    assert_eq!(
+        sans,
+        [
+            "spiffe://cluster.local/ns/default/sa/api",
+            "spiffe://cluster.local/ns/default/sa/api-b"
+        ]
+    );
+    assert_eq!((cert.as_str(), root.as_str()), ("default", "ROOTCA"));
+    assert!(api.transport_socket_matches.is_empty());
+    assert!(
+        is_explicit_h2(protocol_options(&api)),
+        "HTTP/2 between sidecars"
+    );
+
+    // No sidecar: plaintext, protocol untouched.
+    let web = cluster(&res, "outbound|80||web.default.svc.cluster.local");
+    assert!(web.transport_socket.is_none() && web.transport_socket_matches.is_empty());
+    assert!(protocol_options(&web).is_none());
+    // Opaque TCP stays plaintext even to a sidecar.
+    let db = cluster(&res, "outbound|5432||db.default.svc.cluster.local");
+    assert!(db.transport_socket.is_none() && db.transport_socket_matches.is_empty());
+
+    // gRPC clients get no TLS (they do not speak SDS).
+    let grpc_res = translate(&tls_mesh(), &grpc());
+    let api = cluster(&grpc_res, "outbound|8080||api.default.svc.cluster.local");
+    assert!(api.transport_socket.is_none());
+}
+
+#[test]
+fn mixed_clusters_match_mtls_on_endpoint_metadata() {
+    let res = translate(&tls_mesh(), &sidecar());
+    let name = "outbound|8081||mixed.default.svc.cluster.local";
+    let mixed = cluster(&res, name);
+    assert!(mixed.transport_socket.is_none(), "plaintext by default");
+    assert_eq!(mixed.transport_socket_matches.len(), 1);
+    let m = &mixed.transport_socket_matches[0];
+    let fields = &m.r#match.as_ref().expect("match").fields;
+    assert_eq!(fields.len(), 1);
+    assert_eq!(
+        fields["remora.mtls"].kind,
+        Some(Kind::StringValue("true".into()))
+    );
+    let (sans, ..) = sans_and_secrets(&upstream_context(m.transport_socket.as_ref().expect("TLS")));
+    assert_eq!(sans, ["spiffe://cluster.local/ns/default/sa/mixed"]);
+    assert!(matches!(
+        protocol_options(&mixed),
+        Some(UpstreamProtocolOptions::AutoConfig(_))
+    ));
+
+    let cla: ClusterLoadAssignment =
+        unpack(&res.of(ResourceType::Endpoint).resources[name].any).expect("CLA");
+    let metadata: Vec<Vec<String>> = cla.endpoints[0]
+        .lb_endpoints
+        .iter()
+        .map(|e| {
+            let mut keys: Vec<String> = e
+                .metadata
+                .as_ref()
+                .map(|m| m.filter_metadata.keys().cloned().collect())
+                .unwrap_or_default();
+            keys.sort();
+            keys
+        })
+        .collect();
+    assert_eq!(
+        metadata,
+        [
+            vec![
+                "envoy.transport_socket_match".to_string(),
+                "remora".to_string()
+            ],
+            vec![]
+        ]
+    );
+    let api: ClusterLoadAssignment = unpack(
+        &res.of(ResourceType::Endpoint).resources["outbound|8080||api.default.svc.cluster.local"]
+            .any,
+    )
+    .expect("CLA");
+    assert_eq!(
+        api.endpoints[0].lb_endpoints[0]
+            .metadata
+            .as_ref()
+            .expect("identity")
+            .filter_metadata
+            .len(),
+        1,
+        "all-sidecar clusters need no match metadata"
+    );
+}
+
+#[test]
+fn two_translations_of_a_mixed_mesh_have_the_same_bytes() {
+    let first = translate(&tls_mesh(), &sidecar());
+    for _ in 0..16 {
+        assert_eq!(translate(&tls_mesh(), &sidecar()), first);
+    }
+}
+
+fn inbound_view(service: &str, app: Option<AppView>) -> View {
+    View {
+        inbound: Some(InboundView {
+            listener: "0.0.0.0:15006".parse().expect("literal"),
+            service: ServiceKey {
+                namespace: "default".into(),
+                name: service.into(),
+            },
+            app,
+        }),
+        ..sidecar()
+    }
+}
+
+fn inbound(res: &Resources) -> Listener {
+    unpack(&res.of(ResourceType::Listener).resources["inbound"].any).expect("a listener")
+}
+
+fn chain_protocols(l: &Listener) -> Vec<String> {
+    l.filter_chains
+        .iter()
+        .map(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .expect("match")
+                .transport_protocol
+                .clone()
+        })
+        .collect()
+}
+
+#[test]
+fn strict_inbound_listener_has_one_mtls_chain() {
+    let res = translate(&tls_mesh(), &inbound_view("api", None));
+    let l = inbound(&res);
+    assert_eq!(l.name, "inbound");
+    let Some(address::Address::SocketAddress(sa)) =
+        l.address.as_ref().and_then(|a| a.address.as_ref())
+    else {
+        panic!("socket address expected");
+    };
+    assert_eq!(
+        (sa.address.as_str(), sa.port_specifier.clone()),
+        ("0.0.0.0", Some(PortSpecifier::PortValue(15006)))
+    );
+    assert_eq!(l.listener_filters.len(), 1);
+    assert_eq!(
+        l.listener_filters[0].name,
+        "envoy.filters.listener.tls_inspector"
+    );
+    assert!(matches!(
+        l.listener_filters[0].config_type,
+        Some(listener_filter::ConfigType::TypedConfig(_))
+    ));
+    assert_eq!(chain_protocols(&l), ["tls"]);
+
+    let chain = &l.filter_chains[0];
+    let socket = chain.transport_socket.as_ref().expect("TLS");
+    assert_eq!(socket.name, "envoy.transport_sockets.tls");
+    let Some(
+        remora_xds_proto::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+            any,
+        ),
+    ) = &socket.config_type
+    else {
+        panic!("typed config");
+    };
+    let ctx: DownstreamTlsContext = unpack(any).expect("downstream context");
+    assert_eq!(ctx.require_client_certificate.map(|b| b.value), Some(true));
+    let common = ctx.common_tls_context.expect("common");
+    assert_eq!(common.alpn_protocols, ["h2"]);
+    assert_eq!(common.tls_certificate_sds_secret_configs[0].name, "default");
+    assert!(matches!(
+        common.validation_context_type,
+        Some(ValidationContextType::ValidationContextSdsSecretConfig(ref s)) if s.name == "ROOTCA"
+    ));
+
+    let Some(filter::ConfigType::TypedConfig(any)) = &chain.filters[0].config_type else {
+        panic!("HCM");
+    };
+    let hcm: HttpConnectionManager = unpack(any).expect("HCM");
+    assert_eq!(hcm.stat_prefix, "inbound");
+    let Some(RouteSpecifier::RouteConfig(rc)) = hcm.route_specifier else {
+        panic!("inline routes");
+    };
+    let Some(Action::Route(action)) = &rc.virtual_hosts[0].routes[0].action else {
+        panic!("route action");
+    };
+    assert_eq!(
+        action.cluster_specifier,
+        Some(ClusterSpecifier::Cluster("inbound|app".into()))
+    );
+
+    // Without REMORA_APP_ADDRESS, no inbound|app cluster.
+    assert!(
+        !res.of(ResourceType::Cluster)
+            .resources
+            .contains_key("inbound|app")
+    );
+    // Unknown services are STRICT.
+    let unknown = inbound(&translate(&tls_mesh(), &inbound_view("nope", None)));
+    assert_eq!(chain_protocols(&unknown), ["tls"]);
+    // No inbound listener unless asked.
+    assert!(
+        !translate(&tls_mesh(), &sidecar())
+            .of(ResourceType::Listener)
+            .resources
+            .contains_key("inbound")
+    );
+}
+
+#[test]
+fn permissive_inbound_listener_also_takes_plaintext_and_the_app_cluster_is_static() {
+    let app = AppView {
+        address: "127.0.0.1:8080".parse().expect("literal"),
+        http2: true,
+    };
+    let res = translate(&tls_mesh(), &inbound_view("web", Some(app)));
+    let l = inbound(&res);
+    assert_eq!(chain_protocols(&l), ["tls", "raw_buffer"]);
+    assert!(l.filter_chains[1].transport_socket.is_none());
+
+    let c = cluster(&res, "inbound|app");
+    assert!(matches!(
+        c.cluster_discovery_type,
+        Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Static as i32
+    ));
+    assert!(is_explicit_h2(protocol_options(&c)));
+    let h1 = translate(
+        &tls_mesh(),
+        &inbound_view(
+            "web",
+            Some(AppView {
+                http2: false,
+                ..app
+            }),
+        ),
+    );
+    assert!(!is_explicit_h2(protocol_options(&cluster(
+        &h1,
+        "inbound|app"
+    ))));
+}
+
+#[test]
+fn inbound_views_come_from_node_metadata() {
+    let node = |fields: &[(&str, &str)]| Node {
+        id: "n".into(),
+        cluster: "web".into(),
+        metadata: Some(Struct {
+            fields: fields
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue(v.to_string())),
+                        },
+                    )
+                })
+                .collect(),
+        }),
+        ..Default::default()
+    };
+    let v = View::for_node(&node(&[
+        (META_INBOUND_LISTENER, "0.0.0.0:15006"),
+        (META_NAMESPACE, "shop"),
+        (META_APP_ADDRESS, "127.0.0.1:8080"),
+        (META_APP_PROTOCOL, "http2"),
+    ]))
+    .expect("ok");
+    assert_eq!(
+        v.inbound,
+        Some(InboundView {
+            listener: "0.0.0.0:15006".parse().expect("literal"),
+            service: ServiceKey {
+                namespace: "shop".into(),
+                name: "web".into()
+            },
+            app: Some(AppView {
+                address: "127.0.0.1:8080".parse().expect("literal"),
+                http2: true
+            }),
+        })
+    );
+    let v = View::for_node(&node(&[(META_INBOUND_LISTENER, "0.0.0.0:15006")])).expect("ok");
+    let inbound = v.inbound.expect("inbound");
+    assert_eq!(inbound.service.namespace, "default");
+    assert_eq!(inbound.app, None);
+    let err = View::for_node(&node(&[
+        (META_INBOUND_LISTENER, "0.0.0.0:15006"),
+        (META_APP_ADDRESS, "127.0.0.1:8080"),
+        (META_APP_PROTOCOL, "udp"),
+    ]))
+    .expect_err("bad protocol");
+    assert!(err.to_string().contains("REMORA_APP_PROTOCOL"), "{err}");
+    let err = View::for_node(&node(&[(META_INBOUND_LISTENER, "nowhere")])).expect_err("bad");
+    assert!(err.to_string().contains("REMORA_INBOUND_LISTENER"), "{err}");
 }
