@@ -16,7 +16,7 @@ use remora_xds_proto::pb::envoy::config::endpoint::v3::{
 use remora_xds_proto::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
     http_protocol_options::{
-        AutoHttpConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+        ExplicitHttpConfig, UpstreamProtocolOptions,
         explicit_http_config::ProtocolConfig,
     },
 };
@@ -59,13 +59,14 @@ pub(super) fn clusters(mesh: &Mesh, view: &View) -> Vec<Cluster> {
                 // gRPC clients do not speak SDS: no TLS contexts for them.
                 return cluster;
             }
-            let protocol = match upstream_tls(mesh, service, port, subset) {
-                UpstreamTls::Plaintext => port.protocol.is_h2().then(http2),
+            // The protocol options name what the application speaks: the
+            // Remora proxy reads them to tell the peer sidecar (which
+            // accepts HTTP/1.1 and HTTP/2 over mTLS alike), and Envoy speaks
+            // that protocol through the peer sidecar to the application.
+            match upstream_tls(mesh, service, port, subset) {
+                UpstreamTls::Plaintext => {}
                 UpstreamTls::All(ids) => {
                     cluster.transport_socket = Some(upstream_transport_socket(&ids));
-                    // Between sidecars the protocol is HTTP/2, whatever the
-                    // application speaks.
-                    Some(http2())
                 }
                 UpstreamTls::Mixed(ids) => {
                     cluster.transport_socket_matches = vec![TransportSocketMatch {
@@ -73,15 +74,9 @@ pub(super) fn clusters(mesh: &Mesh, view: &View) -> Vec<Cluster> {
                         r#match: Some(mtls_match()),
                         transport_socket: Some(upstream_transport_socket(&ids)),
                     }];
-                    // Sidecars get HTTP/2 through ALPN; plain endpoints of
-                    // an HTTP/1 port get HTTP/1.1.
-                    Some(if port.protocol.is_h2() {
-                        http2()
-                    } else {
-                        auto_http()
-                    })
                 }
-            };
+            }
+            let protocol = port.protocol.is_h2().then(http2);
             if let Some(options) = protocol {
                 // One entry only: map encoding order must stay stable for
                 // the content hash.
@@ -150,16 +145,4 @@ fn http1() -> HttpProtocolOptions {
     explicit(ProtocolConfig::HttpProtocolOptions(
         Http1ProtocolOptions::default(),
     ))
-}
-
-/// HTTP/2 when ALPN says so (TLS to a sidecar), else HTTP/1.1.
-fn auto_http() -> HttpProtocolOptions {
-    HttpProtocolOptions {
-        upstream_protocol_options: Some(UpstreamProtocolOptions::AutoConfig(AutoHttpConfig {
-            http_protocol_options: Some(Http1ProtocolOptions::default()),
-            http2_protocol_options: Some(Http2ProtocolOptions::default()),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
 }
