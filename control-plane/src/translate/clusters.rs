@@ -16,8 +16,7 @@ use remora_xds_proto::pb::envoy::config::endpoint::v3::{
 use remora_xds_proto::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
     http_protocol_options::{
-        ExplicitHttpConfig, UpstreamProtocolOptions,
-        explicit_http_config::ProtocolConfig,
+        ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
     },
 };
 
@@ -62,17 +61,19 @@ pub(super) fn clusters(mesh: &Mesh, view: &View) -> Vec<Cluster> {
             // The protocol options name what the application speaks: the
             // Remora proxy reads them to tell the peer sidecar (which
             // accepts HTTP/1.1 and HTTP/2 over mTLS alike), and Envoy speaks
-            // that protocol through the peer sidecar to the application.
+            // that protocol through the peer sidecar to the application
+            // (ALPN says which, so the peer picks the matching codec).
+            let h2 = port.protocol.is_h2();
             match upstream_tls(mesh, service, port, subset) {
                 UpstreamTls::Plaintext => {}
                 UpstreamTls::All(ids) => {
-                    cluster.transport_socket = Some(upstream_transport_socket(&ids));
+                    cluster.transport_socket = Some(upstream_transport_socket(&ids, h2));
                 }
                 UpstreamTls::Mixed(ids) => {
                     cluster.transport_socket_matches = vec![TransportSocketMatch {
                         name: MTLS_MATCH_NAME.to_string(),
                         r#match: Some(mtls_match()),
-                        transport_socket: Some(upstream_transport_socket(&ids)),
+                        transport_socket: Some(upstream_transport_socket(&ids, h2)),
                     }];
                 }
             }

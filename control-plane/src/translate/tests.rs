@@ -493,7 +493,7 @@ fn identity(sa: &str) -> Option<Identity> {
 }
 
 /// web (PERMISSIVE, plain endpoint), api (two sidecars), mixed (a sidecar
-/// and a plain endpoint), db (tcp, sidecar).
+/// and a plain endpoint), db (tcp, sidecar), rpc (grpc, sidecar).
 fn tls_mesh() -> Mesh {
     let mut web = service("web", 80, Protocol::Http);
     web.mtls = MtlsMode::Permissive;
@@ -510,9 +510,11 @@ fn tls_mesh() -> Mesh {
     mixed.endpoints.push(plain);
     let mut db = service("db", 5432, Protocol::Tcp);
     db.endpoints[0].identity = identity("db");
+    let mut rpc = service("rpc", 9090, Protocol::Grpc);
+    rpc.endpoints[0].identity = identity("rpc");
     Mesh::new(
         "cluster.local".into(),
-        vec![web, api, mixed, db],
+        vec![web, api, mixed, db, rpc],
         Vec::new(),
     )
     .expect("valid")
@@ -553,8 +555,8 @@ fn upstream_context(socket: &TransportSocket) -> UpstreamTlsContext {
     unpack(any).expect("an UpstreamTlsContext")
 }
 
-/// The exact URI SANs and SDS names of an upstream context.
-fn sans_and_secrets(ctx: &UpstreamTlsContext) -> (Vec<String>, String, String) {
+/// The exact URI SANs, SDS names and ALPN of an upstream context.
+fn sans_and_secrets(ctx: &UpstreamTlsContext) -> (Vec<String>, String, String, Vec<String>) {
     let common = ctx.common_tls_context.as_ref().expect("common context");
     let params = common.tls_params.as_ref().expect("params");
     assert_eq!(
@@ -565,7 +567,6 @@ fn sans_and_secrets(ctx: &UpstreamTlsContext) -> (Vec<String>, String, String) {
         params.tls_maximum_protocol_version,
         TlsProtocol::TlSv13 as i32
     );
-    assert_eq!(common.alpn_protocols, ["h2"]);
     let cert = common.tls_certificate_sds_secret_configs[0].name.clone();
     let Some(ValidationContextType::CombinedValidationContext(combined)) =
         &common.validation_context_type
@@ -592,14 +593,14 @@ fn sans_and_secrets(ctx: &UpstreamTlsContext) -> (Vec<String>, String, String) {
         .expect("SDS root")
         .name
         .clone();
-    (sans, cert, root)
+    (sans, cert, root, common.alpn_protocols.clone())
 }
 
 #[test]
-fn clusters_of_sidecar_endpoints_speak_mtls_and_h2() {
+fn clusters_of_sidecar_endpoints_speak_mtls() {
     let res = translate(&tls_mesh(), &sidecar());
     let api = cluster(&res, "outbound|8080||api.default.svc.cluster.local");
-    let (sans, cert, root) = sans_and_secrets(&upstream_context(
+    let (sans, cert, root, alpn) = sans_and_secrets(&upstream_context(
         api.transport_socket.as_ref().expect("TLS"),
     ));
     assert_eq!(
@@ -611,10 +612,16 @@ fn clusters_of_sidecar_endpoints_speak_mtls_and_h2() {
     );
     assert_eq!((cert.as_str(), root.as_str()), ("default", "ROOTCA"));
     assert!(api.transport_socket_matches.is_empty());
-    assert!(
-        is_explicit_h2(protocol_options(&api)),
-        "HTTP/2 between sidecars"
-    );
+    // The protocol options and ALPN keep naming the application's protocol.
+    assert!(protocol_options(&api).is_none());
+    assert_eq!(alpn, ["http/1.1"]);
+    let rpc = cluster(&res, "outbound|9090||rpc.default.svc.cluster.local");
+    let (sans, .., alpn) = sans_and_secrets(&upstream_context(
+        rpc.transport_socket.as_ref().expect("TLS"),
+    ));
+    assert_eq!(sans, ["spiffe://cluster.local/ns/default/sa/rpc"]);
+    assert_eq!(alpn, ["h2"]);
+    assert!(is_explicit_h2(protocol_options(&rpc)));
 
     // No sidecar: plaintext, protocol untouched.
     let web = cluster(&res, "outbound|80||web.default.svc.cluster.local");
@@ -646,10 +653,7 @@ fn mixed_clusters_match_mtls_on_endpoint_metadata() {
     );
     let (sans, ..) = sans_and_secrets(&upstream_context(m.transport_socket.as_ref().expect("TLS")));
     assert_eq!(sans, ["spiffe://cluster.local/ns/default/sa/mixed"]);
-    assert!(matches!(
-        protocol_options(&mixed),
-        Some(UpstreamProtocolOptions::AutoConfig(_))
-    ));
+    assert!(protocol_options(&mixed).is_none(), "HTTP/1 port: HTTP/1.1");
 
     let cla: ClusterLoadAssignment =
         unpack(&res.of(ResourceType::Endpoint).resources[name].any).expect("CLA");
@@ -771,7 +775,7 @@ fn strict_inbound_listener_has_one_mtls_chain() {
     let ctx: DownstreamTlsContext = unpack(any).expect("downstream context");
     assert_eq!(ctx.require_client_certificate.map(|b| b.value), Some(true));
     let common = ctx.common_tls_context.expect("common");
-    assert_eq!(common.alpn_protocols, ["h2"]);
+    assert_eq!(common.alpn_protocols, ["h2", "http/1.1"]);
     assert_eq!(common.tls_certificate_sds_secret_configs[0].name, "default");
     assert!(matches!(
         common.validation_context_type,

@@ -1,8 +1,14 @@
 //! Mutual TLS between sidecars, as Envoy configures it: TLS contexts whose
 //! certificate and trust bundle come over SDS on the same ADS stream
-//! (secrets [`SECRET_DEFAULT`] and [`SECRET_ROOTCA`]), TLS 1.3 only, ALPN
-//! `h2`, and the peer's SPIFFE ID checked against the identities the mesh
-//! says a cluster's endpoints have.
+//! (secrets [`SECRET_DEFAULT`] and [`SECRET_ROOTCA`]), TLS 1.3 only, and
+//! the peer's SPIFFE ID checked against the identities the mesh says a
+//! cluster's endpoints have.
+//!
+//! ALPN names the HTTP version inside the tunnel: a client offers the one
+//! its cluster speaks (`h2` for HTTP/2 and gRPC ports, `http/1.1` for
+//! HTTP/1 ports: an Envoy cluster's codec does not follow ALPN), and the
+//! inbound listener accepts both, so the server side picks the codec the
+//! client will use.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -45,8 +51,10 @@ pub const MTLS_MATCH_NAME: &str = "mtls";
 pub const TRANSPORT_TLS: &str = "tls";
 /// `filter_chain_match.transport_protocol` of everything else (plaintext).
 pub const TRANSPORT_RAW_BUFFER: &str = "raw_buffer";
-/// The only ALPN protocol between sidecars.
+/// ALPN of HTTP/2.
 const ALPN_H2: &str = "h2";
+/// ALPN of HTTP/1.1.
+const ALPN_HTTP11: &str = "http/1.1";
 
 /// How a sidecar reaches the endpoints of one outbound cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,14 +106,14 @@ fn sds(name: &str) -> SdsSecretConfig {
     }
 }
 
-fn common_tls_context(validation: ValidationContextType) -> CommonTlsContext {
+fn common_tls_context(validation: ValidationContextType, alpn: &[&str]) -> CommonTlsContext {
     CommonTlsContext {
         tls_params: Some(TlsParameters {
             tls_minimum_protocol_version: TlsProtocol::TlSv13 as i32,
             tls_maximum_protocol_version: TlsProtocol::TlSv13 as i32,
             ..Default::default()
         }),
-        alpn_protocols: vec![ALPN_H2.to_string()],
+        alpn_protocols: alpn.iter().map(|p| (*p).to_string()).collect(),
         tls_certificate_sds_secret_configs: vec![sds(SECRET_DEFAULT)],
         validation_context_type: Some(validation),
         ..Default::default()
@@ -123,8 +131,9 @@ fn transport_socket<M: prost::Message + prost::Name>(context: &M) -> TransportSo
 /// of [`SECRET_ROOTCA`] and, in the default context of a combined one, its
 /// URI SAN against `spiffe_ids`. Envoy merges the two contexts; the SAN
 /// matchers live only here, so the shared trust bundle never narrows or
-/// widens them.
-pub(super) fn upstream_transport_socket(spiffe_ids: &[String]) -> TransportSocket {
+/// widens them. ALPN offers `h2` if the cluster speaks HTTP/2, else
+/// `http/1.1`.
+pub(super) fn upstream_transport_socket(spiffe_ids: &[String], h2: bool) -> TransportSocket {
     let matchers = spiffe_ids
         .iter()
         .map(|id| SubjectAltNameMatcher {
@@ -145,19 +154,20 @@ pub(super) fn upstream_transport_socket(spiffe_ids: &[String]) -> TransportSocke
             validation_context_sds_secret_config: Some(sds(SECRET_ROOTCA)),
             ..Default::default()
         });
+    let alpn = if h2 { ALPN_H2 } else { ALPN_HTTP11 };
     transport_socket(&UpstreamTlsContext {
-        common_tls_context: Some(common_tls_context(validation)),
+        common_tls_context: Some(common_tls_context(validation, &[alpn])),
         ..Default::default()
     })
 }
 
 /// The server side of a sidecar's inbound listener: our certificate, and
 /// a client certificate required and checked against the roots of
-/// [`SECRET_ROOTCA`].
+/// [`SECRET_ROOTCA`]; ALPN `h2` or `http/1.1`, as the client offers.
 pub(super) fn downstream_transport_socket() -> TransportSocket {
     let validation = ValidationContextType::ValidationContextSdsSecretConfig(sds(SECRET_ROOTCA));
     transport_socket(&DownstreamTlsContext {
-        common_tls_context: Some(common_tls_context(validation)),
+        common_tls_context: Some(common_tls_context(validation, &[ALPN_H2, ALPN_HTTP11])),
         require_client_certificate: Some(BoolValue { value: true }),
         ..Default::default()
     })
