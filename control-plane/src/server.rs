@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::model::Mesh;
 use crate::sources::{Publisher, file};
 use crate::tls::ServingCert;
+use crate::xds::secrets::SecretSource;
 use crate::xds::{AdsServer, snapshot, status::SyncRegistry};
 
 /// Remora's control plane.
@@ -273,7 +274,13 @@ async fn run(args: Args, mesh: Mesh) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stopped| *stopped).await;
     };
 
-    let ads = AdsServer::new(snapshots, stop_rx.clone(), metrics.clone(), registry).into_service();
+    let secrets = Arc::new(SecretSource::new(ca.clone(), leaf_ttl, &metrics));
+    let ads =
+        AdsServer::new(snapshots, stop_rx.clone(), metrics.clone(), registry).with_secrets(secrets);
+    // On the TLS listener a stream needs a client certificate and a node
+    // that claims its identity.
+    let tls_ads = ads.for_tls_listener().into_service();
+    let ads = ads.into_service();
     let signing = CertificateServiceServer::new(
         SigningService::new(ca.clone(), Arc::new(tokens), &metrics)
             .with_ttls(leaf_ttl, max_leaf_ttl),
@@ -281,7 +288,7 @@ async fn run(args: Args, mesh: Mesh) -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_service(ads.clone())
+        .add_service(ads)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(xds_listener),
             stopped(stop_rx.clone()),
@@ -295,7 +302,7 @@ async fn run(args: Args, mesh: Mesh) -> anyhow::Result<()> {
     let tls_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_service(ads)
+        .add_service(tls_ads)
         .add_service(signing)
         .serve_with_incoming_shutdown(tls_incoming, stopped(stop_rx));
     admin.set_ready();

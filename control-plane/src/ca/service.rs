@@ -72,16 +72,21 @@ impl MeshTokens {
     pub fn lookup(&self, token: &str) -> Option<Identity> {
         // Clone the Arc so the watch lock is released at once.
         let mesh = Arc::clone(&self.mesh.borrow());
-        let mut found = None;
-        for entry in mesh.workload_tokens() {
-            if constant_time_eq(token.as_bytes(), entry.token.expose().as_bytes())
-                && found.is_none()
-            {
-                found = Some(entry.identity.clone());
-            }
-        }
-        found
+        lookup_token(&mesh, token)
     }
+}
+
+/// The identity `token` proves among `mesh`'s `workload_tokens`, compared
+/// with every entry in constant time (per entry) and without stopping at
+/// the first match.
+pub fn lookup_token(mesh: &Mesh, token: &str) -> Option<Identity> {
+    let mut found = None;
+    for entry in mesh.workload_tokens() {
+        if constant_time_eq(token.as_bytes(), entry.token.expose().as_bytes()) && found.is_none() {
+            found = Some(entry.identity.clone());
+        }
+    }
+    found
 }
 
 impl Authenticator for MeshTokens {
@@ -156,13 +161,13 @@ impl Refusal {
 
 /// Metric handles, resolved once.
 #[derive(Debug, Clone)]
-struct CaMetrics {
-    issued: IntCounter,
+pub(crate) struct CaMetrics {
+    pub(crate) issued: IntCounter,
     refused: [IntCounter; RefusalReason::ALL.len()],
 }
 
 impl CaMetrics {
-    fn new(metrics: &Metrics) -> CaMetrics {
+    pub(crate) fn new(metrics: &Metrics) -> CaMetrics {
         CaMetrics {
             issued: metrics.ca_certificates_issued.clone(),
             refused: RefusalReason::ALL.map(|r| {
@@ -173,7 +178,7 @@ impl CaMetrics {
         }
     }
 
-    fn refused(&self, reason: RefusalReason) -> &IntCounter {
+    pub(crate) fn refused(&self, reason: RefusalReason) -> &IntCounter {
         // ALL lists every variant, so the position always exists.
         let i = RefusalReason::ALL
             .iter()

@@ -13,9 +13,10 @@ use remora_xds_proto::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as PbResource,
 };
 
+use super::ClientResources;
 use super::status::TypeStatus;
 use super::{Outcome, StreamCore, StreamError, StreamMachine};
-use crate::translate::{ResourceType, Resources};
+use crate::translate::{ResourceType, SECRET_DEFAULT};
 use crate::xds::snapshot::Snapshot;
 
 /// Unanswered responses remembered per type.
@@ -52,7 +53,7 @@ impl StreamMachine for DeltaStream {
         request: DeltaDiscoveryRequest,
         snapshot: &Snapshot,
     ) -> Result<Outcome<DeltaDiscoveryResponse>, StreamError> {
-        self.core.identify(request.node.as_ref())?;
+        self.core.identify(request.node.as_ref(), snapshot)?;
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
             return Err(StreamError::UnknownType(request.type_url));
         };
@@ -98,6 +99,10 @@ impl StreamMachine for DeltaStream {
             }
         }
         state.status.subscribed = state.names.len();
+        if ty == ResourceType::Secret {
+            let wants_default = state.status.wildcard || state.names.contains(SECRET_DEFAULT);
+            self.core.secrets_requested(wants_default, snapshot);
+        }
 
         let view = self.core.view(snapshot)?;
         if let Some(response) = self.diff(ty, &view, first) {
@@ -126,6 +131,10 @@ impl StreamMachine for DeltaStream {
         &self.core
     }
 
+    fn core_mut(&mut self) -> &mut StreamCore {
+        &mut self.core
+    }
+
     fn type_statuses(&self) -> BTreeMap<&'static str, TypeStatus> {
         self.types
             .iter()
@@ -139,13 +148,22 @@ impl StreamMachine for DeltaStream {
 }
 
 impl DeltaStream {
+    /// A stream with `core` (how the client connected, where its secrets
+    /// come from).
+    pub fn new(core: StreamCore) -> DeltaStream {
+        DeltaStream {
+            core,
+            types: BTreeMap::new(),
+        }
+    }
+
     /// The response that brings the client from what it holds to `view`,
     /// or `None` when it already holds it (unless `always`: the first
     /// request of a type is always answered, so the client stops waiting).
     fn diff(
         &mut self,
         ty: ResourceType,
-        view: &Resources,
+        view: &ClientResources,
         always: bool,
     ) -> Option<DeltaDiscoveryResponse> {
         let of_type = view.of(ty);

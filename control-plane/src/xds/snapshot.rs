@@ -30,6 +30,11 @@ impl Snapshot {
         }
     }
 
+    /// The mesh.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
     /// How many mesh changes came before this one.
     pub fn generation(&self) -> u64 {
         self.generation

@@ -17,9 +17,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use remora_xds_proto::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
+use super::ClientResources;
 use super::status::TypeStatus;
 use super::{Outcome, StreamCore, StreamError, StreamMachine};
-use crate::translate::{ResourceType, Resources};
+use crate::translate::{ResourceType, SECRET_DEFAULT};
 use crate::xds::snapshot::Snapshot;
 
 /// One SotW stream.
@@ -46,7 +47,7 @@ impl StreamMachine for SotwStream {
         request: DiscoveryRequest,
         snapshot: &Snapshot,
     ) -> Result<Outcome<DiscoveryResponse>, StreamError> {
-        self.core.identify(request.node.as_ref())?;
+        self.core.identify(request.node.as_ref(), snapshot)?;
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
             return Err(StreamError::UnknownType(request.type_url));
         };
@@ -73,6 +74,10 @@ impl StreamMachine for SotwStream {
         state.names = names;
         state.status.wildcard = wildcard;
         state.status.subscribed = if wildcard { 0 } else { state.names.len() };
+        if ty == ResourceType::Secret {
+            let wants_default = wildcard || state.names.contains(SECRET_DEFAULT);
+            self.core.secrets_requested(wants_default, snapshot);
+        }
         if changed {
             let view = self.core.view(snapshot)?;
             let response = self.respond(ty, &view);
@@ -102,6 +107,10 @@ impl StreamMachine for SotwStream {
         &self.core
     }
 
+    fn core_mut(&mut self) -> &mut StreamCore {
+        &mut self.core
+    }
+
     fn type_statuses(&self) -> BTreeMap<&'static str, TypeStatus> {
         self.types
             .iter()
@@ -115,7 +124,16 @@ impl StreamMachine for SotwStream {
 }
 
 impl SotwStream {
-    fn respond(&mut self, ty: ResourceType, view: &Resources) -> DiscoveryResponse {
+    /// A stream with `core` (how the client connected, where its secrets
+    /// come from).
+    pub fn new(core: StreamCore) -> SotwStream {
+        SotwStream {
+            core,
+            types: BTreeMap::new(),
+        }
+    }
+
+    fn respond(&mut self, ty: ResourceType, view: &ClientResources) -> DiscoveryResponse {
         let nonce = self.core.next_nonce().to_string();
         let of_type = view.of(ty);
         let state = self.types.entry(ty).or_default();
