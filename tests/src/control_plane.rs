@@ -15,6 +15,7 @@ use crate::client::HttpClient;
 use crate::eventually::eventually;
 use crate::metrics::Metrics;
 use crate::process::Child;
+use crate::proxy::ControlLink;
 use crate::testdir::TestDir;
 use crate::workspace;
 
@@ -45,13 +46,19 @@ impl ControlPlane {
     /// port 0 and its CA in `dir`'s `control-plane-ca`, and waits (at most [`START_TIMEOUT`]) until it has written its
     /// address file and `/ready` answers 200.
     pub async fn start(dir: &TestDir, mesh: &Path) -> Result<ControlPlane> {
-        ControlPlane::start_at(dir, mesh, "127.0.0.1:0").await
+        ControlPlane::start_with(dir, mesh, "127.0.0.1:0", &[]).await
     }
 
-    /// [`ControlPlane::start`] with xDS on `xds_addr`: a restart on the
-    /// address a killed control plane had, so its clients reconnect.
-    pub async fn start_at(dir: &TestDir, mesh: &Path, xds_addr: &str) -> Result<ControlPlane> {
-        ControlPlane::start_with(dir, mesh, xds_addr, &[]).await
+    /// [`ControlPlane::start`] on the addresses a killed control plane
+    /// had (plaintext xDS and TLS), so its clients reconnect.
+    pub async fn restart_on(
+        dir: &TestDir,
+        mesh: &Path,
+        xds_addr: SocketAddr,
+        tls_addr: SocketAddr,
+    ) -> Result<ControlPlane> {
+        let tls = vec![OsString::from("--tls-addr"), tls_addr.to_string().into()];
+        ControlPlane::start_with(dir, mesh, &xds_addr.to_string(), &tls).await
     }
 
     /// [`ControlPlane::start_at`] with more command-line arguments, passed
@@ -71,9 +78,11 @@ impl ControlPlane {
             .arg(mesh)
             .args(["--xds-addr", xds_addr])
             .args(["--monitoring-addr", "127.0.0.1:0"])
-            .args(["--tls-addr", "127.0.0.1:0"])
             .arg("--address-file")
             .arg(&address_file);
+        if !extra_args.iter().any(|a| a == "--tls-addr") {
+            cmd.args(["--tls-addr", "127.0.0.1:0"]);
+        }
         let names_ca = extra_args
             .iter()
             .any(|a| [OsStr::new("--ca-dir"), OsStr::new("--ca-cert")].contains(&a.as_os_str()));
@@ -137,6 +146,23 @@ impl ControlPlane {
     /// `GET /debug/trust-bundle`: the CA's roots, PEM.
     pub async fn trust_bundle_pem(&self) -> Result<String> {
         self.get("/debug/trust-bundle").await
+    }
+
+    /// Writes the trust bundle into `dir` for proxies' `--ca-bundle`.
+    pub async fn write_trust_bundle(&self, dir: &TestDir) -> Result<PathBuf> {
+        let pem = self.trust_bundle_pem().await?;
+        let path = dir.unique_file("trust-bundle", "pem");
+        std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// How sidecars reach this control plane: mTLS on its TLS port, checked
+    /// against its trust bundle (written into `dir`).
+    pub async fn link(&self, dir: &TestDir) -> Result<ControlLink> {
+        Ok(ControlLink::Mtls {
+            addr: self.tls_addr()?,
+            bundle: self.write_trust_bundle(dir).await?,
+        })
     }
 
     /// The monitoring HTTP address.

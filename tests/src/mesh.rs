@@ -72,6 +72,39 @@ impl MeshFile {
         Ok(MeshFile { doc })
     }
 
+    /// The bootstrap token of workload `namespace`/`service_account`,
+    /// declared in `workload_tokens` (added with a fresh value if absent).
+    pub fn token_for(&mut self, namespace: &str, service_account: &str) -> Result<String> {
+        let map = self
+            .doc
+            .as_mapping_mut()
+            .ok_or_else(|| anyhow!("the mesh document is not a mapping"))?;
+        let tokens = map
+            .entry("workload_tokens".into())
+            .or_insert_with(|| Value::Sequence(Vec::new()))
+            .as_sequence_mut()
+            .ok_or_else(|| anyhow!("workload_tokens is not a list"))?;
+        for entry in tokens.iter() {
+            let field = |name: &str| entry.get(name).and_then(Value::as_str);
+            if field("namespace") == Some(namespace)
+                && field("service_account") == Some(service_account)
+                && let Some(token) = field("token")
+            {
+                return Ok(token.to_string());
+            }
+        }
+        let token = format!(
+            "test-token-{namespace}-{service_account}-{:016x}",
+            fastrand::u64(..)
+        );
+        let mut entry = Mapping::new();
+        entry.insert("namespace".into(), namespace.into());
+        entry.insert("service_account".into(), service_account.into());
+        entry.insert("token".into(), token.clone().into());
+        tokens.push(Value::Mapping(entry));
+        Ok(token)
+    }
+
     /// The document.
     pub fn doc(&self) -> &Value {
         &self.doc
@@ -153,8 +186,10 @@ impl MeshFile {
 
     /// Replaces a service's endpoints with `endpoints` on 127.0.0.1. Each is
     /// copied from an endpoint of the example (the first one with the same
-    /// labels, else the first one), so identity, weight and zone stay as the
-    /// example has them; address, port and labels are replaced.
+    /// labels, else the first one), so weight and zone stay as the example
+    /// has them; address, port and labels are replaced, and the identity is
+    /// removed: a test server is not a sidecar, so callers reach it in
+    /// plaintext (the topology sets identities for the apps it gives one).
     pub fn set_endpoints(&mut self, service: &str, endpoints: &[TestEndpoint]) -> Result<()> {
         let svc = self.service_mut(service)?;
         let existing: Vec<Mapping> = svc
@@ -181,6 +216,7 @@ impl MeshFile {
                 m.insert("address".into(), "127.0.0.1".into());
                 m.insert("port".into(), Value::from(ep.port));
                 m.remove("ports");
+                m.remove("identity");
                 if labels.is_empty() {
                     m.remove("labels");
                 } else {

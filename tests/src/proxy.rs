@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -46,6 +46,23 @@ impl AppProtocol {
     }
 }
 
+/// How a sidecar reaches its control plane.
+#[derive(Debug, Clone)]
+pub enum ControlLink {
+    /// Plaintext xDS and no identity (`--ca-bundle` left out): for xDS
+    /// servers other than Remora's.
+    Plaintext(SocketAddr),
+    /// The normal case: the CA and xDS over mTLS on the control plane's
+    /// TLS port, checked against `bundle`; the sidecar proves its identity
+    /// with [`ProxyConfig::token`].
+    Mtls {
+        /// The control plane's TLS address.
+        addr: SocketAddr,
+        /// PEM roots for `--ca-bundle`.
+        bundle: PathBuf,
+    },
+}
+
 /// How to start one sidecar.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -63,6 +80,8 @@ pub struct ProxyConfig {
     pub node_id: Option<String>,
     /// `--log`.
     pub log: String,
+    /// The bootstrap token for `--token-file` (mTLS only).
+    pub token: Option<String>,
 }
 
 impl ProxyConfig {
@@ -74,6 +93,7 @@ impl ProxyConfig {
             service_account: service.to_string(),
             app: None,
             node_id: None,
+            token: None,
             log: std::env::var("REMORA_TESTS_PROXY_LOG")
                 .unwrap_or_else(|_| "info,remora_proxy=debug".to_string()),
         }
@@ -104,6 +124,12 @@ impl ProxyConfig {
     /// Sets `--node-id`.
     pub fn node_id(mut self, id: &str) -> ProxyConfig {
         self.node_id = Some(id.to_string());
+        self
+    }
+
+    /// Sets the bootstrap token the CA checks.
+    pub fn token(mut self, token: &str) -> ProxyConfig {
+        self.token = Some(token.to_string());
         self
     }
 
@@ -164,14 +190,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts a sidecar against the control plane at `control_plane` and
+    /// Starts a sidecar against the control plane reached by `link` and
     /// waits (at most [`START_TIMEOUT`]) for its address file. It is not
     /// ready yet: see [`Proxy::wait_ready`].
-    pub async fn start(
-        dir: &TestDir,
-        control_plane: SocketAddr,
-        config: &ProxyConfig,
-    ) -> Result<Proxy> {
+    pub async fn start(dir: &TestDir, link: &ControlLink, config: &ProxyConfig) -> Result<Proxy> {
         let bin = workspace::proxy_binary()?;
         let label = config
             .node_id
@@ -182,7 +204,6 @@ impl Proxy {
         cmd.args(["--service", &config.service])
             .args(["--namespace", &config.namespace])
             .args(["--service-account", &config.service_account])
-            .args(["--control-plane", &control_plane.to_string()])
             .args(["--outbound-addr", "127.0.0.1:0"])
             .args(["--inbound-addr", "127.0.0.1:0"])
             .args(["--admin-addr", "127.0.0.1:0"])
@@ -201,11 +222,33 @@ impl Proxy {
         if let Some(id) = &config.node_id {
             cmd.args(["--node-id", id]);
         }
+        match link {
+            ControlLink::Plaintext(addr) => {
+                cmd.args(["--control-plane", &addr.to_string()]);
+            }
+            ControlLink::Mtls { addr, bundle } => {
+                let token = config.token.as_deref().with_context(|| {
+                    format!("remora-proxy {label} needs a bootstrap token for mTLS")
+                })?;
+                let token_file = dir.unique_file(&format!("proxy-{label}-token"), "txt");
+                std::fs::write(&token_file, token)
+                    .with_context(|| format!("writing {}", token_file.display()))?;
+                cmd.args(["--control-plane", &addr.to_string()])
+                    .arg("--ca-bundle")
+                    .arg(bundle)
+                    .arg("--token-file")
+                    .arg(&token_file);
+            }
+        }
         // Flags say everything; a REMORA_* variable of the environment the
         // tests run in must not change what the proxy does.
         for var in [
             "REMORA_NODE_ID",
             "REMORA_CONTROL_PLANE",
+            "REMORA_CA_ADDR",
+            "REMORA_CA_BUNDLE",
+            "REMORA_TOKEN_FILE",
+            "REMORA_TRUST_DOMAIN",
             "REMORA_APP_ADDR",
             "REMORA_APP_PROTOCOL",
             "REMORA_LOG",

@@ -100,6 +100,10 @@ impl App {
     }
 }
 
+/// The SPIFFE ID of the client sidecar every topology starts, as the
+/// applications see it in `x-remora-peer-identity`.
+pub const CLIENT_IDENTITY: &str = "spiffe://cluster.local/ns/test/sa/client";
+
 /// The running mesh.
 pub struct Topology {
     control_plane: ControlPlane,
@@ -117,6 +121,13 @@ impl Topology {
     /// until the client sidecar routes to all of them.
     pub async fn start(dir: &TestDir, mesh: MeshFile, apps: Vec<App>) -> Result<Topology> {
         let mesh_path = dir.file("mesh.yaml");
+        let mut mesh = mesh;
+        let mut tokens = Vec::with_capacity(apps.len());
+        for app in &apps {
+            let (_, namespace) = app.service_parts();
+            tokens.push(mesh.token_for(namespace, &app.service_account)?);
+        }
+        let client_token = mesh.token_for("test", "client")?;
         let mut initial = mesh.clone();
         for app in &apps {
             initial
@@ -125,19 +136,20 @@ impl Topology {
         }
         initial.write(&mesh_path)?;
         let control_plane = ControlPlane::start(dir, &mesh_path).await?;
-        let xds = control_plane.xds_addr();
+        let link = control_plane.link(dir).await?;
 
         let mut running = Vec::with_capacity(apps.len());
-        for app in apps {
+        for (app, token) in apps.into_iter().zip(tokens) {
             let proxy = if app.sidecar {
                 let (service, namespace) = app.service_parts();
                 let mut config = ProxyConfig::sidecar(service, namespace, app.addr, app.protocol)
                     .node_id(&app.name)
-                    .service_account(&app.service_account);
+                    .service_account(&app.service_account)
+                    .token(&token);
                 if !app.protocol_flag {
                     config = config.default_app_protocol();
                 }
-                Some(Proxy::start(dir, xds, &config).await?)
+                Some(Proxy::start(dir, &link, &config).await?)
             } else {
                 None
             };
@@ -145,8 +157,10 @@ impl Topology {
         }
         let client = Proxy::start(
             dir,
-            xds,
-            &ProxyConfig::client("client", "test").node_id("client"),
+            &link,
+            &ProxyConfig::client("client", "test")
+                .node_id("client")
+                .token(&client_token),
         )
         .await?;
 

@@ -18,6 +18,7 @@ use remora_xds_proto::identity::v1::certificate_service_client::CertificateServi
 use remora_xds_proto::pb::envoy::config::core::v3::Node;
 use remora_xds_proto::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use remora_xds_proto::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use remora_xds_proto::pb::google::protobuf::{Struct, Value, value::Kind};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore};
@@ -81,6 +82,20 @@ fn client_config(
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Node metadata naming the workload identity `shop`/`service_account`.
+fn node_metadata(service_account: &str) -> Struct {
+    let string = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    };
+    Struct {
+        fields: [
+            ("NAMESPACE".to_owned(), string("shop")),
+            ("SERVICE_ACCOUNT".to_owned(), string(service_account)),
+        ]
+        .into(),
+    }
 }
 
 /// A gRPC channel to `addr` over TLS with `config`.
@@ -203,29 +218,57 @@ async fn tls_listener_signs_serves_ads_and_keeps_its_root() {
                 ),
             }
 
-            // ADS on the same listener.
-            let mut ads = AggregatedDiscoveryServiceClient::new(channel);
-            let request = DiscoveryRequest {
+            // ADS on the same listener: refused without a client
+            // certificate, refused for a node claiming another identity,
+            // served to the node the certificate names.
+            let ads_request = |service_account: &str| DiscoveryRequest {
                 node: Some(Node {
                     id: "ca-test".to_owned(),
                     cluster: "catalog".to_owned(),
+                    metadata: Some(node_metadata(service_account)),
                     ..Default::default()
                 }),
                 type_url: remora_xds_proto::type_url::CLUSTER.to_owned(),
                 ..Default::default()
             };
-            let mut stream = ads
-                .stream_aggregated_resources(
-                    futures::stream::iter([request]).chain(futures::stream::pending()),
-                )
+            let open = async |channel: Channel, service_account: &str| {
+                let mut ads = AggregatedDiscoveryServiceClient::new(channel);
+                let mut stream = ads
+                    .stream_aggregated_resources(
+                        futures::stream::iter([ads_request(service_account)])
+                            .chain(futures::stream::pending()),
+                    )
+                    .await?
+                    .into_inner();
+                match stream.message().await? {
+                    Some(first) => Ok(first),
+                    None => Err(tonic::Status::unavailable("the stream ended")),
+                }
+            };
+            let anonymous = tls_channel(tls, client_config(&bundle, None)?).await?;
+            match open(anonymous, "catalog").await {
+                Ok(_) => bail!("ADS over TLS without a client certificate was served"),
+                Err(status) => ensure!(
+                    status.code() == tonic::Code::Unauthenticated,
+                    "ADS without a client certificate got {status:?}, expected UNAUTHENTICATED"
+                ),
+            }
+            let workload = || -> Result<Arc<ClientConfig>> {
+                let key = PrivateKeyDer::try_from(key.serialize_der())
+                    .map_err(|e| anyhow::anyhow!("the workload key: {e}"))?;
+                client_config(&bundle, Some((chain.clone(), key)))
+            };
+            let impostor = tls_channel(tls, workload()?).await?;
+            match open(impostor, "frontend").await {
+                Ok(_) => bail!("a catalog certificate got ADS for a node claiming frontend"),
+                Err(status) => ensure!(
+                    status.code() == tonic::Code::PermissionDenied,
+                    "a node claiming another identity got {status:?}, expected PERMISSION_DENIED"
+                ),
+            }
+            let first = open(tls_channel(tls, workload()?).await?, "catalog")
                 .await
-                .context("ADS over TLS")?
-                .into_inner();
-            let first = stream
-                .message()
-                .await
-                .context("ADS over TLS: first response")?
-                .context("ADS over TLS: the stream ended")?;
+                .context("ADS over TLS with the catalog's certificate")?;
             ensure!(
                 !first.resources.is_empty(),
                 "ADS over TLS sent no clusters: {first:?}"

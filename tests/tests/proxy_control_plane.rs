@@ -65,6 +65,7 @@ async fn restart(dir: &TestDir) -> Result<()> {
         );
     }
     let xds = topology.control_plane().xds_addr();
+    let tls = topology.control_plane().tls_addr()?;
     let outbound = topology.client().outbound_addr();
     let load = Load::start(
         LoadSpec::new(outbound, "api.test:8080", "/", 4).paced(Duration::from_millis(10)),
@@ -95,13 +96,14 @@ async fn restart(dir: &TestDir) -> Result<()> {
     );
     load.wait_for_more(PHASE, PHASE_TIMEOUT).await?;
 
-    // The restart, on the same xDS address and the same mesh file.
+    // The restart, on the same addresses and the same mesh file (and the
+    // same CA state directory, so the same root).
     let mesh_path = topology.mesh_path().clone();
-    let restarted = ControlPlane::start_at(dir, &mesh_path, &xds.to_string()).await?;
+    let restarted = ControlPlane::restart_on(dir, &mesh_path, xds, tls).await?;
     ensure!(
-        restarted.xds_addr() == xds,
+        restarted.tls_addr()? == tls,
         "the control plane came back on {}",
-        restarted.xds_addr()
+        restarted.tls_addr()?
     );
     let _dead = topology.set_control_plane(restarted);
     for proxy in topology.proxies() {

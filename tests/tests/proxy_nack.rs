@@ -20,7 +20,7 @@ use remora_tests::ads::AdsServer;
 use remora_tests::client::HttpClient;
 use remora_tests::eventually::eventually;
 use remora_tests::load::{Load, LoadSpec};
-use remora_tests::proxy::{Proxy, ProxyConfig};
+use remora_tests::proxy::{ControlLink, Proxy, ProxyConfig};
 use remora_tests::{HttpServer, TestDir};
 use serde_json::Value;
 
@@ -53,7 +53,12 @@ async fn nack(dir: &TestDir) -> Result<()> {
     let a = HttpServer::start("app-a").await?;
     let b = HttpServer::start("app-b").await?;
     let mut ads = AdsServer::start(dir, a.port(), b.port()).await?;
-    let mut proxy = Proxy::start(dir, ads.addr(), &ProxyConfig::client("client", "test")).await?;
+    let mut proxy = Proxy::start(
+        dir,
+        &ControlLink::Plaintext(ads.addr()),
+        &ProxyConfig::client("client", "test"),
+    )
+    .await?;
     proxy.wait_ready(STEP_TIMEOUT).await?;
     let outbound = proxy.outbound_addr();
     let http = HttpClient::new();

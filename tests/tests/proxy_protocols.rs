@@ -17,7 +17,7 @@ use remora_tests::grpc::{GrpcServer, Method as Rpcm, Rpc};
 use remora_tests::mesh::MeshFile;
 use remora_tests::pattern::PatternBody;
 use remora_tests::proxy::AppProtocol;
-use remora_tests::topology::{App, Topology};
+use remora_tests::topology::{App, CLIENT_IDENTITY, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -160,14 +160,17 @@ fn check_forwarded(echoed: &Echoed, what: &str) -> Result<()> {
         added.is_empty(),
         "{what}: a sidecar added {added:?}; it adds nothing"
     );
+    // The one x-remora-* header the application sees is the caller's
+    // identity, proved over mTLS; the caller's own x-remora-* are gone.
     let internal: Vec<_> = echoed
         .headers
         .iter()
         .filter(|(k, _)| k.starts_with("x-remora-"))
         .collect();
     ensure!(
-        internal.is_empty(),
-        "{what}: x-remora-* headers reached the application: {internal:?}"
+        internal.len() == 1 && echoed.header_values("x-remora-peer-identity") == [CLIENT_IDENTITY],
+        "{what}: the application should see exactly x-remora-peer-identity: {CLIENT_IDENTITY}, \
+         saw {internal:?}"
     );
     for hop in [
         "connection",
@@ -447,11 +450,16 @@ async fn grpc(dir: &TestDir) -> Result<()> {
     let internal: Vec<&String> = who
         .trailing_metadata
         .keys()
-        .filter(|k| k.starts_with("x-seen-x-remora-"))
+        .filter(|k| k.starts_with("x-seen-x-remora-") && *k != "x-seen-x-remora-peer-identity")
         .collect();
     ensure!(
-        internal.is_empty(),
-        "x-remora-* metadata reached the server: {internal:?}"
+        internal.is_empty()
+            && who
+                .trailing_metadata
+                .get("x-seen-x-remora-peer-identity")
+                .cloned()
+                == Some(vec![CLIENT_IDENTITY.to_string()]),
+        "the server should see only x-remora-peer-identity: {CLIENT_IDENTITY}: {who:?}"
     );
 
     // Server streaming, long enough to need flow control on every hop.

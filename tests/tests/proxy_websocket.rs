@@ -10,7 +10,7 @@ use futures::{SinkExt, StreamExt};
 use remora_tests::TestDir;
 use remora_tests::mesh::MeshFile;
 use remora_tests::pattern;
-use remora_tests::topology::{App, Topology};
+use remora_tests::topology::{App, CLIENT_IDENTITY, Topology};
 use remora_tests::websocket::{WsEchoServer, connect};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -75,9 +75,14 @@ async fn websocket(dir: &TestDir) -> Result<()> {
             && get("host") == ["chat.test:8080"],
         "the application's handshake lacks what the caller sent: {handshake:?}"
     );
+    let internal: Vec<_> = handshake
+        .iter()
+        .filter(|(k, _)| k.starts_with("x-remora-"))
+        .collect();
     ensure!(
-        !handshake.iter().any(|(k, _)| k.starts_with("x-remora-")),
-        "x-remora-* headers reached the application: {handshake:?}"
+        internal.len() == 1 && get("x-remora-peer-identity") == [CLIENT_IDENTITY],
+        "the application should see exactly x-remora-peer-identity: {CLIENT_IDENTITY}: \
+         {handshake:?}"
     );
 
     let big = pattern::bytes_at(0, 1 << 20);
