@@ -123,6 +123,7 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
             None
         }
         Some((bundle, client, config)) => {
+            let ca_client = client.clone();
             let (mut ready, _renewal) = renew::start(client, config, metrics.clone());
             let resolver = tokio::select! {
                 resolver = ready.wait_for(Option::is_some) => match resolver {
@@ -135,6 +136,13 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
                 anyhow::bail!("the certificate renewal task published no credentials");
             };
             let tls = Arc::new(TlsContext::new(resolver, bundle, &metrics)?);
+            // After a root rotation the control plane's own certificate
+            // chains to the new root: the CA client follows the bundle.
+            tls.follow_bundle(Box::new(move |bundle| {
+                if let Err(e) = ca_client.set_trust_bundle(bundle) {
+                    tracing::warn!(error = %e, "the CA client cannot use the new trust bundle");
+                }
+            }));
             let _ = tls_slot.set(tls.clone());
             tracing::info!(spiffe_id = %tls.local_id(), "mTLS is on");
             Some(tls)

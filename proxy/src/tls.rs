@@ -35,7 +35,7 @@ mod resolve;
 mod tests;
 mod verify;
 
-pub use self::context::{ALPN_HTTP11, Alpn, HandshakeError, TlsContext};
+pub use self::context::{ALPN_HTTP11, Alpn, BundleFollower, HandshakeError, TlsContext};
 pub use self::resolve::CredentialResolver;
 pub use self::verify::SpiffeVerifier;
 

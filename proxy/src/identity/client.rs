@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper_util::rt::TokioIo;
 use remora_xds_proto::identity::v1::SignRequest;
 use remora_xds_proto::identity::v1::certificate_service_client::CertificateServiceClient;
@@ -237,7 +237,8 @@ pub struct CertificateClient {
     addr: Arc<str>,
     expected: SpiffeId,
     server_name: ServerName<'static>,
-    tls: Arc<ClientConfig>,
+    /// Rebuilt when the trust bundle changes (root rotation).
+    tls: Arc<ArcSwap<ClientConfig>>,
     presented: Arc<Presented>,
     ttl: Option<Duration>,
     latest_bundle: Arc<ArcSwapOption<String>>,
@@ -275,11 +276,19 @@ impl CertificateClient {
             addr: addr.into(),
             server_name: server_name_for(&expected),
             expected,
-            tls,
+            tls: Arc::new(ArcSwap::new(tls)),
             presented,
             ttl: None,
             latest_bundle: Arc::default(),
         })
+    }
+
+    /// Checks the CA against `bundle` from now on (the control plane sent
+    /// new roots: a root rotation).
+    pub fn set_trust_bundle(&self, bundle: &TrustBundle) -> Result<(), TlsError> {
+        let config = tls_config(bundle, Arc::clone(&self.presented))?;
+        self.tls.store(config);
+        Ok(())
     }
 
     /// Asks for certificates living `ttl` (the server may lower it);
@@ -347,7 +356,7 @@ impl CertificateClient {
     /// Opens a TLS connection to the CA and an HTTP/2 channel over it.
     async fn connect(&self) -> Result<Channel, ClientError> {
         let addr = Arc::clone(&self.addr);
-        let connector = TlsConnector::from(Arc::clone(&self.tls));
+        let connector = TlsConnector::from(self.tls.load_full());
         let server_name = self.server_name.clone();
         let connect = tower::service_fn(move |_uri: http::Uri| {
             let addr = Arc::clone(&addr);

@@ -4,7 +4,7 @@
 //! so each is counted once, by outcome.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -85,12 +85,27 @@ pub struct HandshakeError {
 }
 
 /// The workload's mTLS context.
-#[derive(Debug)]
 pub struct TlsContext {
     resolver: Arc<CredentialResolver>,
     configs: ArcSwap<Configs>,
     handshakes: IntCounterVec,
     failures: IntCounterVec,
+    /// Told about every new bundle (the CA client, which checks the
+    /// control plane against it). Called on rotation only, never on the
+    /// data path.
+    followers: Mutex<Vec<BundleFollower>>,
+}
+
+/// Something that must trust the same roots as the data path.
+pub type BundleFollower = Box<dyn Fn(&TrustBundle) + Send + Sync>;
+
+impl std::fmt::Debug for TlsContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsContext")
+            .field("id", &self.resolver.current().id().to_string())
+            .field("roots", &self.root_count())
+            .finish_non_exhaustive()
+    }
 }
 
 impl TlsContext {
@@ -108,7 +123,16 @@ impl TlsContext {
             configs: ArcSwap::from_pointee(configs),
             handshakes: metrics.tls_handshakes.clone(),
             failures: metrics.tls_handshake_failures.clone(),
+            followers: Mutex::default(),
         })
+    }
+
+    /// Calls `follower` with every bundle set from now on.
+    pub fn follow_bundle(&self, follower: BundleFollower) {
+        self.followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(follower);
     }
 
     /// Trusts `pem`'s roots from now on (new handshakes only). Returns

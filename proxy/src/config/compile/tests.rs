@@ -35,7 +35,7 @@ use remora_xds_proto::pb::google::protobuf::{BoolValue, Duration as PbDuration};
 use remora_xds_proto::{pack, unpack};
 
 use super::*;
-use crate::config::{AppProtocol, HeaderMatch, LbPolicy, PathMatch, StringMatch};
+use crate::config::{AppProtocol, HeaderMatch, InboundMode, LbPolicy, PathMatch, StringMatch};
 use crate::metrics::Metrics;
 
 const EXAMPLE: &str = include_str!("../../../../examples/mesh.yaml");
@@ -56,6 +56,7 @@ fn translate_yaml(yaml: &str) -> Resources {
         &View {
             flavor: Flavor::Sidecar,
             outbound_listener: DEFAULT_OUTBOUND_LISTENER,
+            inbound: None,
         },
     )
 }
@@ -1128,4 +1129,50 @@ fn undecodable_resources_are_named_by_position() {
     let msg = applied.errors[0].to_string();
     assert!(msg.starts_with("Cluster resources[0]: malformed"), "{msg}");
     assert_eq!(compiler.version(ResourceKind::Cluster), None);
+}
+
+// === mTLS: what the control plane sends a sidecar with an inbound port ===
+
+fn compiled_for(service: &str) -> Config {
+    let mesh = remora_control_plane::sources::file::parse(Path::new("mesh.yaml"), EXAMPLE)
+        .expect("the example mesh is valid");
+    let view = View {
+        flavor: Flavor::Sidecar,
+        outbound_listener: DEFAULT_OUTBOUND_LISTENER,
+        inbound: Some(remora_control_plane::translate::InboundView {
+            listener: ([127, 0, 0, 1], 15006).into(),
+            service: remora_control_plane::model::ServiceKey {
+                namespace: "shop".to_string(),
+                name: service.to_string(),
+            },
+            app: None,
+        }),
+    };
+    let res = translate::translate(&mesh, &view);
+    let mut compiler = Compiler::new();
+    let errors = feed(&mut compiler, &res);
+    assert!(errors.is_empty(), "{errors:#?}");
+    compiler.build(&state()).0
+}
+
+#[test]
+fn the_inbound_listener_says_strict_or_permissive_and_tls_clusters_compile() {
+    // The example marks frontend PERMISSIVE; catalog keeps the default.
+    assert_eq!(
+        compiled_for("frontend").inbound_mode,
+        InboundMode::Permissive
+    );
+    let catalog = compiled_for("catalog");
+    assert_eq!(catalog.inbound_mode, InboundMode::Strict);
+    // Clusters to sidecars carry an UpstreamTlsContext for Envoy; the
+    // proxy takes the expected identity from each endpoint.
+    let cluster = &catalog.clusters[CATALOG_V1];
+    assert!(!cluster.members.is_empty());
+    for member in &cluster.members {
+        let id = member.endpoint.key.identity.as_deref().expect("a sidecar");
+        assert!(id.starts_with("spiffe://cluster.local/ns/shop/sa/"), "{id}");
+    }
+    // Without an inbound listener a sidecar stays STRICT.
+    let (compiler, _) = compiled(EXAMPLE);
+    assert_eq!(compiler.build(&state()).0.inbound_mode, InboundMode::Strict);
 }

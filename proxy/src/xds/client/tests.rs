@@ -26,6 +26,7 @@ fn resources() -> Resources {
         &View {
             flavor: Flavor::Sidecar,
             outbound_listener: DEFAULT_OUTBOUND_LISTENER,
+            inbound: None,
         },
     )
 }
@@ -295,11 +296,30 @@ fn a_response_of_an_unknown_type_is_ignored() {
     let (mut client, _) = synced();
     let step = client.on_response(
         DiscoveryResponse {
-            type_url: type_url::SECRET.into(),
+            // Extension config discovery (ECDS): not consumed.
+            type_url: "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig".into(),
             nonce: "x".into(),
             ..Default::default()
         },
         1,
     );
     assert!(step.requests.is_empty() && step.kind.is_none() && !step.changed);
+}
+
+#[test]
+fn with_secrets_the_trust_bundle_is_asked_for_first() {
+    let mut client = AdsClient::new(Node::default()).with_secrets([crate::config::compile::ROOTCA]);
+    let requests = client.on_connect();
+    assert_eq!(requests[0].type_url, type_url::SECRET);
+    assert_eq!(requests[0].resource_names, ["ROOTCA"]);
+    assert!(
+        requests[0].node.is_some(),
+        "the node goes on the first request"
+    );
+    assert!(
+        requests
+            .iter()
+            .skip(1)
+            .all(|r| r.type_url != type_url::SECRET)
+    );
 }
