@@ -46,6 +46,7 @@ pub mod grpc;
 pub mod load;
 pub mod mesh;
 pub mod metrics;
+pub mod mtls;
 pub mod pattern;
 pub mod process;
 pub mod proxy;
