@@ -144,6 +144,16 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
                 }
             }));
             let _ = tls_slot.set(tls.clone());
+            // Each renewal also retires the TLS sessions of the previous
+            // certificate (a resumed session would carry it).
+            let renewed = tls.clone();
+            tokio::spawn(async move {
+                while ready.changed().await.is_ok() {
+                    if let Err(e) = renewed.credentials_renewed() {
+                        tracing::warn!(error = %e, "cannot refresh the TLS configs after renewal");
+                    }
+                }
+            });
             tracing::info!(spiffe_id = %tls.local_id(), "mTLS is on");
             Some(tls)
         }

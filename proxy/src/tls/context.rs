@@ -149,6 +149,21 @@ impl TlsContext {
         Ok(true)
     }
 
+    /// The credentials were renewed: new handshakes already present them
+    /// (the resolver is shared), and this also drops the session caches,
+    /// so no session that carries the previous certificate is resumed,
+    /// by us or by our peers (new tickets are needed).
+    pub fn credentials_renewed(&self) -> Result<(), TlsError> {
+        let current = self.configs.load();
+        let configs = Configs::new(
+            &self.resolver,
+            current.bundle.clone(),
+            current.root_keys.clone(),
+        )?;
+        self.configs.store(Arc::new(configs));
+        Ok(())
+    }
+
     /// The bundle new handshakes verify peers against.
     pub fn bundle(&self) -> TrustBundle {
         self.configs.load().bundle.clone()
