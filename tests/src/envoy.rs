@@ -23,6 +23,23 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Node metadata key naming where the sidecar's outbound listener binds.
 pub const OUTBOUND_LISTENER_METADATA: &str = "REMORA_OUTBOUND_LISTENER";
+/// Node metadata key naming where the sidecar's inbound (mTLS) listener
+/// binds.
+pub const INBOUND_LISTENER_METADATA: &str = "REMORA_INBOUND_LISTENER";
+/// Node metadata key naming the local application (`ip:port`).
+pub const APP_ADDRESS_METADATA: &str = "REMORA_APP_ADDRESS";
+/// Node metadata key naming the application's protocol (`http`, `http2`,
+/// `grpc`).
+pub const APP_PROTOCOL_METADATA: &str = "REMORA_APP_PROTOCOL";
+/// Node metadata key holding the workload's bootstrap token.
+pub const TOKEN_METADATA: &str = "REMORA_TOKEN";
+/// Node metadata key naming the node's namespace.
+pub const NAMESPACE_METADATA: &str = "NAMESPACE";
+/// Node metadata key naming the node's service account.
+pub const SERVICE_ACCOUNT_METADATA: &str = "SERVICE_ACCOUNT";
+
+/// The `node.cluster` of an Envoy that is no service's sidecar.
+pub const DEFAULT_NODE_CLUSTER: &str = "remora-tests";
 
 /// The xDS transport variant Envoy uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +66,93 @@ impl fmt::Display for Api {
             Api::Sotw => "sotw",
             Api::Delta => "delta",
         })
+    }
+}
+
+/// A stock Envoy as a sidecar of the mesh, taking part in mTLS (see
+/// `docs/control-plane.md`, "An Envoy sidecar in the mesh"): its service
+/// (`node.cluster`), identity and bootstrap token, and for a server its
+/// inbound listener and application. The outbound listener is on
+/// `127.0.0.1:0`.
+#[derive(Debug, Clone)]
+pub struct SidecarNode {
+    /// The service (`node.cluster`).
+    pub service: String,
+    /// `NAMESPACE`.
+    pub namespace: String,
+    /// `SERVICE_ACCOUNT`.
+    pub service_account: String,
+    /// `REMORA_TOKEN`, if any.
+    pub token: Option<String>,
+    /// `REMORA_INBOUND_LISTENER`, if any (port 0 lets the OS choose; see
+    /// [`Envoy::wait_for_listener`]`("inbound")`).
+    pub inbound: Option<SocketAddr>,
+    /// `REMORA_APP_ADDRESS` and `REMORA_APP_PROTOCOL` (`http`, `http2`,
+    /// `grpc`), if any.
+    pub app: Option<(SocketAddr, String)>,
+}
+
+impl SidecarNode {
+    /// A client-only sidecar of `service` in `namespace`, running as the
+    /// service account of the same name.
+    pub fn client(service: &str, namespace: &str) -> SidecarNode {
+        SidecarNode {
+            service: service.to_string(),
+            namespace: namespace.to_string(),
+            service_account: service.to_string(),
+            token: None,
+            inbound: None,
+            app: None,
+        }
+    }
+
+    /// A sidecar in front of the application at `app` speaking `protocol`
+    /// (`http`, `http2` or `grpc`), its inbound listener on `127.0.0.1:0`.
+    pub fn server(service: &str, namespace: &str, app: SocketAddr, protocol: &str) -> SidecarNode {
+        SidecarNode {
+            inbound: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            app: Some((app, protocol.to_string())),
+            ..SidecarNode::client(service, namespace)
+        }
+    }
+
+    /// Sets the service account.
+    pub fn service_account(mut self, sa: &str) -> SidecarNode {
+        self.service_account = sa.to_string();
+        self
+    }
+
+    /// Sets the bootstrap token.
+    pub fn token(mut self, token: &str) -> SidecarNode {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    /// The SPIFFE ID it runs as, in trust domain `cluster.local`.
+    pub fn identity(&self) -> String {
+        format!(
+            "spiffe://cluster.local/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+
+    /// Its node metadata.
+    pub fn metadata(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert(OUTBOUND_LISTENER_METADATA.into(), json!("127.0.0.1:0"));
+        m.insert(NAMESPACE_METADATA.into(), json!(self.namespace));
+        m.insert(SERVICE_ACCOUNT_METADATA.into(), json!(self.service_account));
+        if let Some(token) = &self.token {
+            m.insert(TOKEN_METADATA.into(), json!(token));
+        }
+        if let Some(inbound) = self.inbound {
+            m.insert(INBOUND_LISTENER_METADATA.into(), json!(inbound.to_string()));
+        }
+        if let Some((addr, protocol)) = &self.app {
+            m.insert(APP_ADDRESS_METADATA.into(), json!(addr.to_string()));
+            m.insert(APP_PROTOCOL_METADATA.into(), json!(protocol));
+        }
+        m
     }
 }
 
@@ -79,10 +183,34 @@ impl Envoy {
         api: Api,
         metadata: serde_json::Map<String, Value>,
     ) -> Result<Envoy> {
+        Envoy::start_node(dir, xds, node_id, DEFAULT_NODE_CLUSTER, api, metadata).await
+    }
+
+    /// Starts Envoy as a sidecar of the mesh (see [`SidecarNode`]), its
+    /// ADS on the control plane's plaintext port `xds`.
+    pub async fn start_sidecar(
+        dir: &TestDir,
+        xds: SocketAddr,
+        node_id: &str,
+        api: Api,
+        node: &SidecarNode,
+    ) -> Result<Envoy> {
+        Envoy::start_node(dir, xds, node_id, &node.service, api, node.metadata()).await
+    }
+
+    /// [`Envoy::start_with_metadata`] with `node.cluster` given too.
+    pub async fn start_node(
+        dir: &TestDir,
+        xds: SocketAddr,
+        node_id: &str,
+        cluster: &str,
+        api: Api,
+        metadata: serde_json::Map<String, Value>,
+    ) -> Result<Envoy> {
         let bin = workspace::envoy_binary()?;
         let bootstrap = dir.unique_file(&format!("envoy-{node_id}-bootstrap"), "json");
         let admin_file = dir.unique_file(&format!("envoy-{node_id}-admin"), "txt");
-        let config = bootstrap_config(xds, node_id, api, metadata);
+        let config = node_bootstrap_config(xds, node_id, cluster, api, metadata);
         std::fs::write(&bootstrap, serde_json::to_vec_pretty(&config)?)
             .with_context(|| format!("writing {}", bootstrap.display()))?;
         let mut cmd = Command::new(&bin);
@@ -248,18 +376,32 @@ impl Envoy {
     }
 }
 
-/// The bootstrap: node, admin on port 0, ADS to `xds` over a static
-/// HTTP/2 cluster named `xds`.
+/// The bootstrap: node (`node.cluster` [`DEFAULT_NODE_CLUSTER`]), admin
+/// on port 0, ADS to `xds` over a static HTTP/2 cluster named `xds`.
 pub fn bootstrap_config(
     xds: SocketAddr,
     node_id: &str,
     api: Api,
     metadata: serde_json::Map<String, Value>,
 ) -> Value {
+    node_bootstrap_config(xds, node_id, DEFAULT_NODE_CLUSTER, api, metadata)
+}
+
+/// [`bootstrap_config`] with `node.cluster` (the node's service) given.
+/// ADS goes over plaintext HTTP/2 (the control plane's `--xds-addr`): the
+/// control plane's TLS listener wants a client certificate, which a stock
+/// Envoy only gets over this stream.
+pub fn node_bootstrap_config(
+    xds: SocketAddr,
+    node_id: &str,
+    cluster: &str,
+    api: Api,
+    metadata: serde_json::Map<String, Value>,
+) -> Value {
     json!({
         "node": {
             "id": node_id,
-            "cluster": "remora-tests",
+            "cluster": cluster,
             "metadata": metadata,
         },
         "admin": {
@@ -342,6 +484,10 @@ pub struct DynamicResources {
     pub route_configs: Vec<Value>,
     /// The endpoint assignments, whole.
     pub endpoint_configs: Vec<Value>,
+    /// SDS secrets Envoy holds.
+    pub secrets: Vec<Resource>,
+    /// SDS secrets Envoy asked for and has not received.
+    pub warming_secrets: Vec<Resource>,
 }
 
 impl DynamicResources {
@@ -411,6 +557,18 @@ impl DynamicResources {
                     });
                     out.route_configs.push(r["route_config"].clone());
                 }
+            } else if ty.ends_with("SecretsConfigDump") {
+                for (list, target) in [
+                    ("dynamic_active_secrets", &mut out.secrets),
+                    ("dynamic_warming_secrets", &mut out.warming_secrets),
+                ] {
+                    for sec in c[list].as_array().into_iter().flatten() {
+                        target.push(Resource {
+                            name: sec["name"].as_str().unwrap_or("").to_string(),
+                            version: version(sec),
+                        });
+                    }
+                }
             } else if ty.ends_with("EndpointsConfigDump") {
                 for e in c["dynamic_endpoint_configs"]
                     .as_array()
@@ -461,13 +619,15 @@ impl fmt::Display for DynamicResources {
         write!(
             f,
             "listeners [{}], warming listeners [{}], routes [{}], clusters [{}], warming \
-             clusters [{}], endpoints [{}], errors {:?}",
+             clusters [{}], endpoints [{}], secrets [{}], warming secrets [{}], errors {:?}",
             show(&self.listeners),
             show(&self.warming_listeners),
             show(&self.routes),
             show(&self.clusters),
             show(&self.warming_clusters),
             show(&self.endpoints),
+            show(&self.secrets),
+            show(&self.warming_secrets),
             self.errors
         )
     }
