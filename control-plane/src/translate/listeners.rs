@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use remora_xds_proto::pack;
 use remora_xds_proto::pb::envoy::config::core::v3::{
-    Address, SocketAddress, TrafficDirection, address, socket_address::PortSpecifier,
+    Address, HeaderValue, HeaderValueOption, SocketAddress, TrafficDirection, address,
+    header_value_option::HeaderAppendAction, socket_address::PortSpecifier,
 };
 use remora_xds_proto::pb::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter,
@@ -39,6 +40,14 @@ const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
 const TLS_INSPECTOR_FILTER: &str = "envoy.filters.listener.tls_inspector";
+/// The caller's identity, as a Remora sidecar gives it to its application.
+const PEER_IDENTITY_HEADER: &str = "x-remora-peer-identity";
+/// Headers only sidecars may set; Envoy removes exact names only.
+const INTERNAL_HEADERS: [&str; 3] = [
+    PEER_IDENTITY_HEADER,
+    "x-remora-app-protocol",
+    "x-remora-error",
+];
 
 pub(super) fn listeners(mesh: &Mesh, view: &View) -> Vec<Listener> {
     match view.flavor {
@@ -113,14 +122,16 @@ fn inbound_listener(mesh: &Mesh, inbound: &InboundView) -> Listener {
     let mode = mesh
         .service(&inbound.service)
         .map_or(MtlsMode::Strict, |s| s.mtls);
-    let hcm = network_filter(HCM_FILTER, &inbound_http_connection_manager());
     let mut filter_chains = vec![FilterChain {
         name: format!("{INBOUND}-tls"),
         filter_chain_match: Some(FilterChainMatch {
             transport_protocol: TRANSPORT_TLS.to_string(),
             ..Default::default()
         }),
-        filters: vec![hcm.clone()],
+        filters: vec![network_filter(
+            HCM_FILTER,
+            &inbound_http_connection_manager(true),
+        )],
         transport_socket: Some(downstream_transport_socket()),
         ..Default::default()
     }];
@@ -131,7 +142,10 @@ fn inbound_listener(mesh: &Mesh, inbound: &InboundView) -> Listener {
                 transport_protocol: TRANSPORT_RAW_BUFFER.to_string(),
                 ..Default::default()
             }),
-            filters: vec![hcm],
+            filters: vec![network_filter(
+                HCM_FILTER,
+                &inbound_http_connection_manager(false),
+            )],
             ..Default::default()
         });
     }
@@ -151,7 +165,11 @@ fn inbound_listener(mesh: &Mesh, inbound: &InboundView) -> Listener {
     }
 }
 
-fn inbound_http_connection_manager() -> HttpConnectionManager {
+/// The inbound HTTP side of an Envoy sidecar: everything to the local
+/// application, with the headers a Remora sidecar would give it: the
+/// caller's `x-remora-*` removed, and over mTLS the caller's SPIFFE ID in
+/// `x-remora-peer-identity` (the URI SAN of its certificate).
+fn inbound_http_connection_manager(mtls: bool) -> HttpConnectionManager {
     let route = PbRoute {
         name: INBOUND.to_string(),
         r#match: Some(RouteMatch {
@@ -172,6 +190,21 @@ fn inbound_http_connection_manager() -> HttpConnectionManager {
         stat_prefix: INBOUND.to_string(),
         route_specifier: Some(RouteSpecifier::RouteConfig(RouteConfiguration {
             name: INBOUND.to_string(),
+            // Removed before the additions below are made.
+            request_headers_to_remove: INTERNAL_HEADERS.iter().map(|h| h.to_string()).collect(),
+            request_headers_to_add: if mtls {
+                vec![HeaderValueOption {
+                    header: Some(HeaderValue {
+                        key: PEER_IDENTITY_HEADER.to_string(),
+                        value: "%DOWNSTREAM_PEER_URI_SAN%".to_string(),
+                        ..Default::default()
+                    }),
+                    append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                    ..Default::default()
+                }]
+            } else {
+                Vec::new()
+            },
             virtual_hosts: vec![VirtualHost {
                 name: INBOUND.to_string(),
                 domains: vec!["*".to_string()],
