@@ -16,6 +16,7 @@ pub mod errors;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod listener;
 pub mod metrics;
 pub mod outbound;
