@@ -47,6 +47,7 @@ pub mod load;
 pub mod mesh;
 pub mod metrics;
 pub mod mtls;
+pub mod netns;
 pub mod pattern;
 pub mod process;
 pub mod proxy;
