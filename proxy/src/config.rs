@@ -15,7 +15,7 @@
 
 pub mod compile;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -48,6 +48,44 @@ pub struct Config {
     pub inbound_mode: InboundMode,
     /// The mesh's roots (PEM), from the SDS secret `ROOTCA`, when sent.
     pub trust_bundle_pem: Option<Arc<str>>,
+    /// Where intercepted connections go, by original destination.
+    pub intercepted: Intercepted,
+}
+
+/// What intercepted connections are matched against, by original
+/// destination (see `transparent.rs`).
+#[derive(Debug, Default, Serialize)]
+pub struct Intercepted {
+    /// HTTP route tables per destination port (listeners `0.0.0.0_PORT`).
+    #[serde(serialize_with = "serialize_table_names")]
+    pub ports: BTreeMap<u16, Arc<RouteTable>>,
+    /// Virtual IPs and ports of HTTP services (from the tables' domains).
+    pub http_vips: BTreeSet<SocketAddr>,
+    /// Virtual IPs and ports of TCP services, and their clusters.
+    #[serde(serialize_with = "serialize_vip_clusters")]
+    pub tcp_vips: HashMap<SocketAddr, Arc<Cluster>>,
+    /// Known endpoint addresses (pod IP and port) and a cluster holding
+    /// each; the subset-less cluster when there is one.
+    #[serde(skip)]
+    pub endpoints: HashMap<SocketAddr, (Arc<Cluster>, Arc<Endpoint>)>,
+    /// Connections to anything else: passed through, or refused when the
+    /// mesh says `outbound_traffic: REGISTRY_ONLY` (cluster `BlackHoleCluster`).
+    pub block_unknown: bool,
+}
+
+fn serialize_table_names<S: serde::Serializer>(
+    tables: &BTreeMap<u16, Arc<RouteTable>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(tables.iter().map(|(port, table)| (port, &table.name)))
+}
+
+fn serialize_vip_clusters<S: serde::Serializer>(
+    vips: &HashMap<SocketAddr, Arc<Cluster>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let sorted: BTreeMap<_, _> = vips.iter().map(|(a, c)| (a, &c.name)).collect();
+    s.collect_map(sorted)
 }
 
 /// What the inbound port accepts, per the control plane's `inbound`

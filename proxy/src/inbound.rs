@@ -32,9 +32,12 @@ const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The inbound request handler.
 pub struct Inbound {
-    app: SocketAddr,
+    /// The application, unless a connection's original destination says.
+    app: Option<SocketAddr>,
     default_protocol: AppProtocol,
-    pool: Pool,
+    /// Connections to the application, per address (one in explicit mode;
+    /// one per port the application listens on when intercepted).
+    pools: Mutex<HashMap<SocketAddr, Pool>>,
     metrics: Arc<Metrics>,
     service: String,
     /// Metric handles per caller identity (`""` for plaintext callers);
@@ -49,13 +52,16 @@ pub struct Connection {
     /// `x-remora-peer-identity` for the application, over mTLS.
     identity: Option<HeaderValue>,
     route: Arc<RouteMetrics>,
+    /// Where the application is, and the connections to it.
+    app: Option<(SocketAddr, Pool)>,
 }
 
 impl Inbound {
-    /// Forwards to the application at `app`, which speaks
+    /// Forwards to the application at `app` (or, for intercepted
+    /// connections, at their original destination), which speaks
     /// `default_protocol` unless the peer says otherwise.
     pub fn new(
-        app: SocketAddr,
+        app: Option<SocketAddr>,
         default_protocol: AppProtocol,
         service: &str,
         metrics: Arc<Metrics>,
@@ -63,7 +69,7 @@ impl Inbound {
         Inbound {
             app,
             default_protocol,
-            pool: Pool::default(),
+            pools: Mutex::default(),
             service: service.to_owned(),
             routes: Mutex::default(),
             in_flight: metrics
@@ -88,9 +94,14 @@ impl Inbound {
                 ))
             }))
         };
+        let app = peer.original_dst.or(self.app).map(|addr| {
+            let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+            (addr, pools.entry(addr).or_default().clone())
+        });
         Arc::new(Connection {
             identity: HeaderValue::from_str(source).ok().filter(|v| !v.is_empty()),
             route,
+            app,
         })
     }
 
@@ -110,7 +121,7 @@ impl Inbound {
             _ => self.default_protocol,
         };
         let Some(authority) = headers::authority(&request).map(str::to_owned) else {
-            return self.fail(ProxyError::NoAuthority, grpc);
+            return self.fail(ProxyError::NoAuthority, grpc, None);
         };
         let upgrade = headers::is_upgrade(&request);
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -121,13 +132,25 @@ impl Inbound {
             parts.headers.insert(PEER_IDENTITY, identity.clone());
         }
         let route = &connection.route;
+        let Some((app, pool)) = &connection.app else {
+            return self.fail(
+                ProxyError::BadRequest(
+                    "no application: the proxy has no --app-addr and the connection was not \
+                     intercepted"
+                        .to_string(),
+                ),
+                grpc,
+                None,
+            );
+        };
+        let app = *app;
 
         let result = match downstream_upgrade {
             Some(downstream) => {
                 match upstream::request(&parts, &authority, upstream::Hop::Http1, boxed(body)) {
                     Ok(request) => {
                         let sent = upstream::send_upgrade(
-                            self.app,
+                            app,
                             Security::Plaintext,
                             APP_CONNECT_TIMEOUT,
                             request,
@@ -147,14 +170,7 @@ impl Inbound {
                 let hop = hop_for(protocol);
                 match upstream::request(&parts, &authority, hop, boxed(body)) {
                     Ok(request) => {
-                        self.pool
-                            .send(
-                                self.app,
-                                hop,
-                                Security::Plaintext,
-                                APP_CONNECT_TIMEOUT,
-                                request,
-                            )
+                        pool.send(app, hop, Security::Plaintext, APP_CONNECT_TIMEOUT, request)
                             .await
                     }
                     Err(e) => Err(e),
@@ -178,7 +194,7 @@ impl Inbound {
                 Response::from_parts(head, body.boxed_unsync())
             }
             Err(error) => {
-                let response = self.fail(error, grpc);
+                let response = self.fail(error, grpc, Some(app));
                 route.count(
                     response.status().as_u16(),
                     headers::grpc_status(response.headers()),
@@ -188,12 +204,12 @@ impl Inbound {
         }
     }
 
-    fn fail(&self, error: ProxyError, grpc: bool) -> Response<Body> {
+    fn fail(&self, error: ProxyError, grpc: bool, app: Option<SocketAddr>) -> Response<Body> {
         self.metrics
             .proxy_errors
             .with_label_values(&[Direction::Inbound.as_str(), error.reason()])
             .inc();
-        tracing::debug!(error = %error, app = %self.app, "inbound request failed");
+        tracing::debug!(error = %error, app = ?app, "inbound request failed");
         error.to_response(grpc)
     }
 }

@@ -23,10 +23,13 @@ use tokio::sync::watch;
 use tokio_util::either::Either;
 
 use crate::config::{ConfigStore, InboundMode};
+use crate::detect::{self, Protocol};
 use crate::identity::SpiffeId;
 use crate::metrics::{Direction, Metrics};
+use crate::tcp;
 use crate::tls::{TlsContext, peer_identity};
-use crate::upstream::Body;
+use crate::transparent::{self, Destination};
+use crate::upstream::{Body, Security};
 
 /// Limits that keep a misbehaving client from costing much (see the h2
 /// reset-flood advisories in FACTS.md): bounded header lists and streams.
@@ -39,22 +42,40 @@ const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// Connect timeout for intercepted TCP to destinations outside the mesh.
+const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connect timeout to the local application.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What a listener accepts.
+/// Which side a listener serves, and how it treats its connections.
 #[derive(Clone)]
-pub enum Security {
-    /// Plaintext only: the outbound listener (the local application), or
-    /// a sidecar running without identity.
-    Plaintext,
+pub enum Side {
+    /// The outbound listener: the application's connections, either made
+    /// to the listener itself (explicit mode: HTTP, routed by authority) or
+    /// intercepted by iptables (mapped by original destination, see
+    /// `transparent.rs`).
+    Outbound(Arc<Intercept>),
     /// The inbound mesh port: mTLS, told apart from plaintext by the first
     /// byte (a TLS handshake record); plaintext is served only while the
-    /// config's inbound mode is PERMISSIVE.
-    Mesh {
-        /// Credentials and trust bundle.
-        tls: Arc<TlsContext>,
-        /// Where the inbound mode is read, per connection.
-        store: Arc<ConfigStore>,
-    },
+    /// config's inbound mode is PERMISSIVE, or when the proxy runs without
+    /// identity.
+    Inbound(Arc<Intercept>),
+}
+
+/// What connection handling needs besides HTTP.
+pub struct Intercept {
+    /// The compiled config.
+    pub store: Arc<ConfigStore>,
+    /// mTLS; `None` when the proxy runs without identity.
+    pub tls: Option<Arc<TlsContext>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The proxy's listener ports: destinations on them would loop.
+    pub own_ports: Vec<u16>,
+    /// How long protocol detection waits.
+    pub detect_timeout: Duration,
+    /// Inbound: the application, when not given by an original destination.
+    pub app: Option<SocketAddr>,
 }
 
 /// Who is at the other end of an accepted connection.
@@ -64,17 +85,20 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The SPIFFE ID the peer proved over mTLS; `None` for plaintext.
     pub identity: Option<SpiffeId>,
+    /// Where the connection was going before iptables redirected it;
+    /// `None` in explicit mode.
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// Serves HTTP on every connection `listener` accepts until `drain` turns
 /// true, then lets in-flight requests finish for up to `grace`. Each
-/// connection is secured as `security` says, then served by the handler
+/// connection is secured and classified as `side` says, then served by the handler
 /// `make_handler` returns for its [`Peer`].
 pub async fn serve<M, H, F>(
     listener: TcpListener,
     direction: Direction,
     metrics: Arc<Metrics>,
-    security: Security,
+    side: Side,
     make_handler: M,
     mut drain: watch::Receiver<bool>,
     grace: Duration,
@@ -132,26 +156,25 @@ pub async fn serve<M, H, F>(
         let watcher = graceful.watcher();
         let builder = Arc::clone(&builder);
         let make_handler = Arc::clone(&make_handler);
-        let security = security.clone();
+        let side = side.clone();
         // The handshake runs in the connection's task, so a slow or
         // hostile client never holds up the accept loop.
         tokio::spawn(async move {
-            let secured = match secure(&security, io, peer).await {
-                Some(secured) => secured,
-                None => return,
+            let prepared = match &side {
+                Side::Outbound(intercept) => outbound(intercept, io, peer).await,
+                Side::Inbound(intercept) => inbound(intercept, io, peer).await,
             };
-            let (io, identity) = secured;
-            let handler = make_handler(&Peer {
-                addr: peer,
-                identity,
-            });
+            let Some((io, peer)) = prepared else {
+                return;
+            };
+            let handler = make_handler(&peer);
             let service = service_fn(move |req| {
                 let handler = handler.clone();
                 async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
             });
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             if let Err(e) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
             }
         });
     }
@@ -172,16 +195,130 @@ pub async fn serve<M, H, F>(
 /// A connection's byte stream once secured: plaintext or server-side TLS.
 type Secured = Either<Counted, tokio_rustls::server::TlsStream<Counted>>;
 
-/// Detects TLS by the first byte and runs the handshake; `None` when the
-/// connection is refused (and already logged and counted).
-async fn secure(
-    security: &Security,
-    io: Counted,
-    peer: SocketAddr,
-) -> Option<(Secured, Option<SpiffeId>)> {
-    let (tls, store) = match security {
-        Security::Plaintext => return Some((Either::Left(io), None)),
-        Security::Mesh { tls, store } => (tls, store),
+/// An outbound connection: HTTP for the caller's HTTP server (explicit,
+/// or intercepted towards an HTTP service), or handled here as opaque TCP
+/// and `None`.
+async fn outbound(intercept: &Intercept, io: Counted, addr: SocketAddr) -> Option<(Secured, Peer)> {
+    let explicit = Peer {
+        addr,
+        identity: None,
+        original_dst: None,
+    };
+    let Some(dst) = transparent::original_destination(&io.inner) else {
+        return Some((Either::Left(io), explicit));
+    };
+    let config = intercept.store.load();
+    let destination = transparent::destination(&config, dst, &intercept.own_ports);
+    let direction = Direction::Outbound;
+    let protocol = match &destination {
+        Destination::Loop | Destination::Blocked => {
+            count(intercept, direction, destination.service(), "none");
+            tracing::info!(
+                peer = %addr,
+                %dst,
+                reason = destination.service(),
+                "refused an intercepted connection{}",
+                if matches!(destination, Destination::Loop) {
+                    " addressed to the proxy itself (it would loop)"
+                } else {
+                    " to a destination outside the mesh (outbound_traffic: REGISTRY_ONLY)"
+                }
+            );
+            return None;
+        }
+        // A TCP service port: opaque, never worth a wait.
+        Destination::Tcp { .. } => Protocol::Opaque,
+        Destination::Http { .. } | Destination::Passthrough => {
+            detect_protocol(intercept, direction, &io.inner, dst.port()).await
+        }
+    };
+    count(
+        intercept,
+        direction,
+        destination.service(),
+        protocol.as_str(),
+    );
+    if let Protocol::Tls { sni } = &protocol {
+        intercept
+            .metrics
+            .tls_passthrough
+            .with_label_values(&[sni.as_deref().unwrap_or("")])
+            .inc();
+    }
+    let (cluster, endpoint) = match destination {
+        Destination::Http { .. } if matches!(protocol, Protocol::Http1 | Protocol::Http2) => {
+            let peer = Peer {
+                original_dst: Some(dst),
+                ..explicit
+            };
+            return Some((Either::Left(io), peer));
+        }
+        Destination::Http {
+            cluster, endpoint, ..
+        } => (cluster, endpoint),
+        Destination::Tcp {
+            cluster, endpoint, ..
+        } => (Some(cluster), endpoint),
+        _ => (None, None),
+    };
+    let service = match &cluster {
+        Some(c) => transparent::service_of(&c.name),
+        None => "passthrough".to_string(),
+    };
+    // Opaque bytes: to the chosen endpoint (over mTLS when it has a
+    // sidecar), or where they were going.
+    let endpoint = endpoint.or_else(|| {
+        cluster
+            .as_deref()
+            .and_then(|c| crate::balance::pick_endpoint(c, None))
+    });
+    let timeout = cluster
+        .as_deref()
+        .map_or(PASSTHROUGH_CONNECT_TIMEOUT, |c| c.connect_timeout);
+    let (target, security) = match (&endpoint, &intercept.tls) {
+        (Some(e), Some(tls)) if e.server_name.is_some() => (
+            e.key.proxy.unwrap_or(e.key.app),
+            Some((tls.as_ref(), e.server_name.as_ref())),
+        ),
+        (Some(e), _) => (e.key.app, None),
+        (None, _) if cluster.is_some() => {
+            tracing::debug!(%dst, service, "no endpoint for intercepted TCP");
+            return None;
+        }
+        (None, _) => (dst, None),
+    };
+    let security = match security {
+        Some((tls, Some(server_name))) => Security::Mtls { tls, server_name },
+        _ => Security::Plaintext,
+    };
+    match tcp::connect(target, security, timeout).await {
+        Ok(upstream) => {
+            if let Err(e) =
+                tcp::forward(io, upstream, &intercept.metrics, direction, &service).await
+            {
+                tracing::debug!(peer = %addr, %dst, error = %e, "TCP connection ended with an error");
+            }
+        }
+        Err(e) => {
+            tracing::info!(peer = %addr, %dst, %target, error = %e, "cannot open intercepted TCP");
+        }
+    }
+    None
+}
+
+/// An inbound connection: mTLS (then HTTP, or opaque TCP for the
+/// application when the peer asked with ALPN), or plaintext where allowed.
+/// `None` when handled here or refused (already logged and counted).
+async fn inbound(intercept: &Intercept, io: Counted, addr: SocketAddr) -> Option<(Secured, Peer)> {
+    let original_dst = transparent::original_destination(&io.inner);
+    let app = original_dst.or(intercept.app);
+    let plaintext = Peer {
+        addr,
+        identity: None,
+        original_dst,
+    };
+    let Some(tls) = &intercept.tls else {
+        return plaintext_inbound(intercept, io, plaintext, app).await;
     };
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(DETECT_TIMEOUT, io.inner.peek(&mut first)).await;
@@ -189,43 +326,125 @@ async fn secure(
         Ok(Ok(1..)) => {}
         Ok(Ok(0)) => return None,
         Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "connection failed before its first byte");
+            tracing::debug!(peer = %addr, error = %e, "connection failed before its first byte");
             return None;
         }
         Err(_) => {
-            tracing::debug!(%peer, ?DETECT_TIMEOUT, "nothing received; closing");
+            tracing::debug!(peer = %addr, ?DETECT_TIMEOUT, "nothing received; closing");
             return None;
         }
     }
     if first[0] != TLS_HANDSHAKE_RECORD {
-        if store.load().inbound_mode == InboundMode::Permissive {
-            return Some((Either::Left(io), None));
+        if intercept.store.load().inbound_mode == InboundMode::Permissive {
+            return plaintext_inbound(intercept, io, plaintext, app).await;
         }
         tls.count_plaintext_refused();
         tracing::info!(
-            %peer,
+            peer = %addr,
             "refused a plaintext connection: this port is STRICT (mTLS only); \
              mark the service PERMISSIVE in the mesh file to allow plaintext callers"
         );
         return None;
     }
-    match tls.accept(io, HANDSHAKE_TIMEOUT).await {
-        Ok(stream) => {
-            let identity = match peer_identity(stream.get_ref().1) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    // The verifier already required a valid SPIFFE ID.
-                    tracing::warn!(%peer, error = %e, "verified peer without an identity");
-                    None
-                }
-            };
-            Some((Either::Right(stream), identity))
-        }
+    let stream = match tls.accept(io, HANDSHAKE_TIMEOUT).await {
+        Ok(stream) => stream,
         Err(e) => {
-            tracing::info!(%peer, reason = e.failure.as_str(), error = %e.error, "refused an mTLS connection");
+            tracing::info!(peer = %addr, reason = e.failure.as_str(), error = %e.error, "refused an mTLS connection");
+            return None;
+        }
+    };
+    let identity = match peer_identity(stream.get_ref().1) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            // The verifier already required a valid SPIFFE ID.
+            tracing::warn!(peer = %addr, error = %e, "verified peer without an identity");
             None
         }
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(tcp::ALPN_TCP) {
+        let service = identity
+            .as_ref()
+            .map_or_else(String::new, ToString::to_string);
+        forward_to_app(intercept, stream, app, addr, &service).await;
+        return None;
     }
+    let peer = Peer {
+        identity,
+        ..plaintext
+    };
+    Some((Either::Right(stream), peer))
+}
+
+/// Plaintext on the inbound port: HTTP for the HTTP server; opaque bytes
+/// (intercepted only) straight to the application.
+async fn plaintext_inbound(
+    intercept: &Intercept,
+    io: Counted,
+    peer: Peer,
+    app: Option<SocketAddr>,
+) -> Option<(Secured, Peer)> {
+    let Some(dst) = peer.original_dst else {
+        return Some((Either::Left(io), peer));
+    };
+    let protocol = detect_protocol(intercept, Direction::Inbound, &io.inner, dst.port()).await;
+    if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
+        return Some((Either::Left(io), peer));
+    }
+    forward_to_app(intercept, io, app, peer.addr, "").await;
+    None
+}
+
+/// Opaque TCP from a peer to the local application.
+async fn forward_to_app(
+    intercept: &Intercept,
+    io: impl tcp::Stream,
+    app: Option<SocketAddr>,
+    peer: SocketAddr,
+    source: &str,
+) {
+    let Some(app) = app else {
+        tracing::info!(%peer, "opaque TCP for the application, but no --app-addr and no original destination");
+        return;
+    };
+    match tcp::connect(app, Security::Plaintext, APP_CONNECT_TIMEOUT).await {
+        Ok(upstream) => {
+            let label = if source.is_empty() { "inbound" } else { source };
+            if let Err(e) =
+                tcp::forward(io, upstream, &intercept.metrics, Direction::Inbound, label).await
+            {
+                tracing::debug!(%peer, %app, error = %e, "TCP connection ended with an error");
+            }
+        }
+        Err(e) => tracing::info!(%peer, %app, error = %e, "cannot reach the application"),
+    }
+}
+
+/// Detection, skipped (opaque) on server-first ports; timed and counted.
+async fn detect_protocol(
+    intercept: &Intercept,
+    direction: Direction,
+    stream: &tokio::net::TcpStream,
+    port: u16,
+) -> Protocol {
+    if detect::server_speaks_first(port) {
+        return Protocol::Opaque;
+    }
+    let start = std::time::Instant::now();
+    let protocol = detect::detect(stream, intercept.detect_timeout).await;
+    intercept
+        .metrics
+        .detection
+        .with_label_values(&[direction.as_str(), protocol.as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    protocol
+}
+
+fn count(intercept: &Intercept, direction: Direction, service: &str, protocol: &str) {
+    intercept
+        .metrics
+        .intercepted
+        .with_label_values(&[direction.as_str(), service, protocol])
+        .inc();
 }
 
 /// Decrements the open-connections gauge when the connection goes.

@@ -81,6 +81,16 @@ pub struct Metrics {
     pub certificate_renewal_failures: IntCounterVec,
     /// mTLS handshakes completed, by direction.
     pub tls_handshakes: IntCounterVec,
+    /// Intercepted connections, by direction, destination service (or
+    /// `passthrough`, `blocked`, `loop`) and detected protocol.
+    pub intercepted: IntCounterVec,
+    /// Time protocol detection waited, by direction and outcome.
+    pub detection: HistogramVec,
+    /// Opaque TCP bytes, by direction, service and way (`sent` to the
+    /// destination, `received` from it).
+    pub tcp_service_bytes: IntCounterVec,
+    /// TLS from applications passed through, by server name (SNI).
+    pub tls_passthrough: IntCounterVec,
     /// mTLS handshakes failed (and plaintext refused), by direction and reason.
     pub tls_handshake_failures: IntCounterVec,
 }
@@ -211,6 +221,35 @@ impl Metrics {
                 "remora_proxy_certificate_renewal_failures_total",
                 "Failed requests for a workload certificate, by reason",
                 &["reason"],
+            ),
+            intercepted: counter(
+                "remora_proxy_intercepted_connections_total",
+                "Intercepted connections by direction, destination service (passthrough, \
+                 blocked or loop when not a mesh service) and detected protocol",
+                &["direction", "service", "protocol"],
+            ),
+            detection: {
+                let h = must(HistogramVec::new(
+                    HistogramOpts::new(
+                        "remora_proxy_protocol_detection_seconds",
+                        "Time protocol detection waited for a connection's first bytes",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &["direction", "protocol"],
+                ));
+                must(registry.register(Box::new(h.clone())));
+                h
+            },
+            tcp_service_bytes: counter(
+                "remora_proxy_tcp_service_bytes_total",
+                "Opaque TCP bytes by direction, service and way (sent to the destination, \
+                 received from it)",
+                &["direction", "service", "way"],
+            ),
+            tls_passthrough: counter(
+                "remora_proxy_tls_passthrough_total",
+                "TLS connections from applications passed through untouched, by server name",
+                &["sni"],
             ),
             tls_handshakes: counter(
                 "remora_proxy_tls_handshakes_total",

@@ -63,12 +63,22 @@ impl Outbound {
     }
 
     /// Handles one request from the application. Never fails: errors
-    /// become responses that say why.
-    pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<Body> {
+    /// become responses that say why. `port` is the original destination
+    /// port of an intercepted connection, whose route table applies;
+    /// `None` in explicit mode (the `outbound` table).
+    pub async fn handle(
+        self: Arc<Self>,
+        port: Option<u16>,
+        mut request: Request<Incoming>,
+    ) -> Response<Body> {
         let gauge = GaugeGuard::new(self.in_flight.clone());
         let grpc = headers::is_grpc(request.headers());
         let config = self.store.load();
-        let Some(table) = config.outbound.as_deref() else {
+        let table = match port {
+            None => config.outbound.as_deref(),
+            Some(port) => config.intercepted.ports.get(&port).map(Arc::as_ref),
+        };
+        let Some(table) = table else {
             return self.fail(ProxyError::NotReady, grpc);
         };
         let Some(authority) = headers::authority(&request).map(str::to_owned) else {

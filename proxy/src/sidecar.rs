@@ -16,10 +16,11 @@ use tracing_subscriber::{EnvFilter, prelude::*, reload};
 use crate::admin::{Admin, SetLogLevel};
 use crate::bootstrap::Bootstrap;
 use crate::config::{ConfigStore, State};
+use crate::detect;
 use crate::identity::client::{CertificateClient, control_plane_id};
 use crate::identity::renew::{self, RenewConfig};
 use crate::inbound::Inbound;
-use crate::listener::{self, Peer, Security};
+use crate::listener::{self, Intercept, Peer, Side};
 use crate::metrics::{Direction, Metrics};
 use crate::outbound::Outbound;
 use crate::tls::{TlsContext, TrustBundle, server_name_for};
@@ -78,16 +79,12 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
 
     let outbound_listener = bind(bootstrap.outbound_addr, "--outbound-addr").await?;
     let admin_listener = bind(bootstrap.admin_addr, "--admin-addr").await?;
-    let inbound_listener = match bootstrap.app_addr {
-        Some(_) => Some(bind(bootstrap.inbound_addr, "--inbound-addr").await?),
-        None => None,
-    };
+    // Always bound: intercepted inbound connections carry their own
+    // destination, so an application needs no --app-addr to be reached.
+    let inbound_listener = bind(bootstrap.inbound_addr, "--inbound-addr").await?;
     let outbound_addr = outbound_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let inbound_addr = inbound_listener
-        .as_ref()
-        .map(TcpListener::local_addr)
-        .transpose()?;
+    let inbound_addr = Some(inbound_listener.local_addr()?);
 
     let listening = serde_json::json!({
         "outbound": outbound_addr.to_string(),
@@ -177,47 +174,54 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
     let (drain_tx, drain_rx) = watch::channel(false);
     let grace = Duration::from_secs(bootstrap.drain_seconds);
     let mut servers = tokio::task::JoinSet::new();
+    let own_ports: Vec<u16> = [outbound_addr, admin_addr]
+        .into_iter()
+        .chain(inbound_addr)
+        .map(|a| a.port())
+        .collect();
+    let intercept = |app| {
+        Arc::new(Intercept {
+            store: store.clone(),
+            tls: tls.clone(),
+            metrics: metrics.clone(),
+            own_ports: own_ports.clone(),
+            detect_timeout: detect::DEFAULT_TIMEOUT,
+            app,
+        })
+    };
     let outbound = Arc::new(Outbound::new(store.clone(), metrics.clone(), tls.clone()));
     servers.spawn(listener::serve(
         outbound_listener,
         Direction::Outbound,
         metrics.clone(),
-        Security::Plaintext,
-        move |_peer: &Peer| {
+        Side::Outbound(intercept(None)),
+        move |peer: &Peer| {
             let outbound = outbound.clone();
-            move |req| outbound.clone().handle(req)
+            let port = peer.original_dst.map(|d| d.port());
+            move |req| outbound.clone().handle(port, req)
         },
         drain_rx.clone(),
         grace,
     ));
-    if let (Some(listener), Some(app)) = (inbound_listener, bootstrap.app_addr) {
-        let inbound = Arc::new(Inbound::new(
-            app,
-            bootstrap.app_protocol.into(),
-            &format!("{}.{}", bootstrap.service, bootstrap.namespace),
-            metrics.clone(),
-        ));
-        let security = match &tls {
-            Some(tls) => Security::Mesh {
-                tls: tls.clone(),
-                store: store.clone(),
-            },
-            None => Security::Plaintext,
-        };
-        servers.spawn(listener::serve(
-            listener,
-            Direction::Inbound,
-            metrics.clone(),
-            security,
-            move |peer: &Peer| {
-                let inbound = inbound.clone();
-                let connection = inbound.connection(peer);
-                move |req| inbound.clone().handle(connection.clone(), req)
-            },
-            drain_rx.clone(),
-            grace,
-        ));
-    }
+    let inbound = Arc::new(Inbound::new(
+        bootstrap.app_addr,
+        bootstrap.app_protocol.into(),
+        &format!("{}.{}", bootstrap.service, bootstrap.namespace),
+        metrics.clone(),
+    ));
+    servers.spawn(listener::serve(
+        inbound_listener,
+        Direction::Inbound,
+        metrics.clone(),
+        Side::Inbound(intercept(bootstrap.app_addr)),
+        move |peer: &Peer| {
+            let inbound = inbound.clone();
+            let connection = inbound.connection(peer);
+            move |req| inbound.clone().handle(connection.clone(), req)
+        },
+        drain_rx.clone(),
+        grace,
+    ));
 
     remora_runtime::shutdown_signal().await;
     tracing::info!(?grace, "draining");

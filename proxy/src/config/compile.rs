@@ -29,6 +29,7 @@ mod secret;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use remora_xds_proto::pb::envoy::config::cluster::v3::Cluster as PbCluster;
@@ -40,8 +41,8 @@ use remora_xds_proto::pb::google::protobuf::{Any, Duration as PbDuration};
 use remora_xds_proto::{type_url, unpack};
 
 use super::{
-    Cluster, Config, EndpointKey, Member, RetryPolicy, Route, RouteAction, RouteTable, State,
-    VirtualHost, WeightedCluster,
+    Cluster, Config, EndpointKey, Intercepted, Member, RetryPolicy, Route, RouteAction, RouteTable,
+    State, VirtualHost, WeightedCluster,
 };
 use crate::http::retry::RetryBudget;
 use crate::metrics::Direction;
@@ -343,13 +344,12 @@ impl Compiler {
     }
 
     /// The route configurations the listeners need (RDS subscription):
-    /// the explicit outbound listener's. Other listeners serve transparent
-    /// interception, which is not implemented yet.
+    /// the explicit outbound listener's and the per-port ones intercepted
+    /// HTTP uses.
     pub fn route_names(&self) -> BTreeSet<String> {
         self.listeners
-            .get(OUTBOUND_LISTENER)
-            .and_then(|l| l.spec.route_config.clone())
-            .into_iter()
+            .values()
+            .filter_map(|l| l.spec.route_config.clone())
             .collect()
     }
 
@@ -403,6 +403,7 @@ impl Compiler {
             }
         };
         let complete = outbound.is_some() && all_clusters && all_endpoints;
+        let intercepted = self.build_intercepted(state, &clusters);
         let config = Config {
             versions: self
                 .versions
@@ -420,8 +421,54 @@ impl Compiler {
                 .secrets
                 .get(ROOTCA)
                 .map(|s| Arc::clone(&s.spec.roots_pem)),
+            intercepted,
         };
         (config, complete)
+    }
+
+    /// Where intercepted connections go: per-port route tables, the
+    /// virtual IPs of HTTP services (the `IP:PORT` domains of those tables)
+    /// and of TCP services, and every known endpoint address.
+    fn build_intercepted(
+        &self,
+        state: &State,
+        clusters: &BTreeMap<String, Arc<Cluster>>,
+    ) -> Intercepted {
+        let mut intercepted = Intercepted::default();
+        for listener in self.listeners.values() {
+            let spec = &listener.spec;
+            if let (Some(port), Some(name)) = (spec.port_table, &spec.route_config)
+                && let Some(entry) = self.routes.get(name)
+            {
+                let table = build_table(state, &entry.spec, clusters);
+                intercepted.http_vips.extend(
+                    table
+                        .domains
+                        .keys()
+                        .filter_map(|d| d.parse::<SocketAddr>().ok())
+                        .filter(|a| a.port() == port),
+                );
+                intercepted.ports.insert(port, Arc::new(table));
+            }
+            if let Some((addr, cluster)) = &spec.tcp_vip
+                && let Some(cluster) = clusters.get(cluster)
+            {
+                intercepted.tcp_vips.insert(*addr, Arc::clone(cluster));
+            }
+        }
+        // Subset-less clusters (`outbound|PORT||FQDN`) first, so an endpoint
+        // maps to its service's whole cluster when it has one.
+        let mut ordered: Vec<&Arc<Cluster>> = clusters.values().collect();
+        ordered.sort_by_key(|c| !c.name.contains("||"));
+        for cluster in ordered {
+            for member in &cluster.members {
+                intercepted
+                    .endpoints
+                    .entry(member.endpoint.key.app)
+                    .or_insert_with(|| (Arc::clone(cluster), Arc::clone(&member.endpoint)));
+            }
+        }
+        intercepted
     }
 }
 

@@ -32,6 +32,8 @@ pub enum Alpn {
     H2,
     /// `http/1.1`: upgrade requests, which need a connection of their own.
     Http11,
+    /// [`crate::tcp::ALPN_TCP`]: an opaque TCP stream.
+    Tcp,
 }
 
 /// The configs of one trust bundle. Replaced whole when the bundle changes,
@@ -45,6 +47,7 @@ struct Configs {
     server: Arc<ServerConfig>,
     client_h2: Arc<ClientConfig>,
     client_http11: Arc<ClientConfig>,
+    client_tcp: Arc<ClientConfig>,
 }
 
 impl Configs {
@@ -57,12 +60,20 @@ impl Configs {
         // Upgrades arrive over HTTP/1.1; the listener tells the protocols
         // apart by the preface, so both are offered.
         if let Some(config) = Arc::get_mut(&mut server) {
-            config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+            config.alpn_protocols = vec![
+                ALPN_H2.to_vec(),
+                ALPN_HTTP11.to_vec(),
+                crate::tcp::ALPN_TCP.to_vec(),
+            ];
         }
         let client_h2 = client_config(Arc::clone(resolver), &bundle)?;
         let mut client_http11 = client_config(Arc::clone(resolver), &bundle)?;
         if let Some(config) = Arc::get_mut(&mut client_http11) {
             config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+        }
+        let mut client_tcp = client_config(Arc::clone(resolver), &bundle)?;
+        if let Some(config) = Arc::get_mut(&mut client_tcp) {
+            config.alpn_protocols = vec![crate::tcp::ALPN_TCP.to_vec()];
         }
         Ok(Self {
             bundle,
@@ -70,6 +81,7 @@ impl Configs {
             server,
             client_h2,
             client_http11,
+            client_tcp,
         })
     }
 }
@@ -191,6 +203,7 @@ impl TlsContext {
         match alpn {
             Alpn::H2 => Arc::clone(&configs.client_h2),
             Alpn::Http11 => Arc::clone(&configs.client_http11),
+            Alpn::Tcp => Arc::clone(&configs.client_tcp),
         }
     }
 

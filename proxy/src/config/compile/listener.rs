@@ -1,16 +1,23 @@
 //! Listeners: the explicit `outbound` listener matters for the name of its
-//! route table, and `inbound` for what the inbound port accepts (its filter
+//! route table; `inbound` for what the inbound port accepts (its filter
 //! chains' transport protocols: `tls` only is STRICT, `tls` and
-//! `raw_buffer` is PERMISSIVE). The others (`0.0.0.0_PORT`, `VIP_PORT`)
-//! serve transparent interception, which comes later: they are accepted
-//! and ignored.
+//! `raw_buffer` is PERMISSIVE); `0.0.0.0_PORT` (an HTTP route table per
+//! port) and `VIP_PORT` (`tcp_proxy` to a TCP service's cluster) for
+//! intercepted connections, matched by original destination. Listeners of
+//! other shapes are accepted and ignored.
+
+use std::net::{IpAddr, SocketAddr};
 
 use remora_xds_proto::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+use remora_xds_proto::pb::envoy::config::core::v3::{address, socket_address};
 use remora_xds_proto::pb::envoy::config::listener::v3::{Filter, Listener, filter};
 use remora_xds_proto::pb::envoy::extensions::filters::http::router::v3::Router;
 use remora_xds_proto::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, http_connection_manager::CodecType,
     http_connection_manager::RouteSpecifier, http_filter,
+};
+use remora_xds_proto::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    TcpProxy, tcp_proxy,
 };
 use remora_xds_proto::unpack;
 
@@ -23,29 +30,102 @@ const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
 
 /// What the proxy keeps of a listener.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct ListenerSpec {
-    /// The RDS name its HTTP connection manager uses; `None` for the
-    /// listeners the proxy ignores.
+    /// The RDS name its HTTP connection manager uses (`outbound`, and the
+    /// per-port listeners); `None` for the others.
     pub(super) route_config: Option<String>,
     /// For `inbound`: what the inbound port accepts.
     pub(super) inbound_mode: Option<InboundMode>,
+    /// For `0.0.0.0_PORT`: intercepted HTTP to any address on this port
+    /// uses `route_config`.
+    pub(super) port_table: Option<u16>,
+    /// For `VIP_PORT` with `tcp_proxy`: intercepted connections to this
+    /// address go to this cluster as opaque TCP.
+    pub(super) tcp_vip: Option<(SocketAddr, String)>,
 }
 
 pub(super) fn compile(listener: &Listener) -> Result<ListenerSpec> {
     if listener.name == INBOUND_LISTENER {
         return inbound(listener).map(|mode| ListenerSpec {
-            route_config: None,
             inbound_mode: Some(mode),
+            ..ListenerSpec::default()
         });
     }
     if listener.name != OUTBOUND_LISTENER {
-        return Ok(ListenerSpec {
-            route_config: None,
-            inbound_mode: None,
-        });
+        return intercepted(listener);
     }
     // The address is ignored: the proxy binds where its own flags say.
+    Ok(ListenerSpec {
+        route_config: Some(hcm_route_config(listener)?),
+        ..ListenerSpec::default()
+    })
+}
+
+/// The listeners intercepted traffic is matched against (Istio's layout):
+/// `0.0.0.0_PORT` (HTTP to any address on PORT, routed by authority) and
+/// `VIP_PORT` (a TCP service's virtual IP). Listeners of other shapes are
+/// ignored.
+fn intercepted(listener: &Listener) -> Result<ListenerSpec> {
+    let address = listener
+        .address
+        .as_ref()
+        .and_then(|a| match &a.address {
+            Some(address::Address::SocketAddress(s)) => Some(s),
+            _ => None,
+        })
+        .and_then(|s| {
+            let ip: IpAddr = s.address.parse().ok()?;
+            match s.port_specifier {
+                Some(socket_address::PortSpecifier::PortValue(p)) => {
+                    Some(SocketAddr::new(ip, u16::try_from(p).ok()?))
+                }
+                _ => None,
+            }
+        });
+    let (Some(address), [chain]) = (address, listener.filter_chains.as_slice()) else {
+        return Ok(ListenerSpec::default());
+    };
+    let [filter] = chain.filters.as_slice() else {
+        return Ok(ListenerSpec::default());
+    };
+    let url = match &filter.config_type {
+        Some(filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+        _ => return Ok(ListenerSpec::default()),
+    };
+    if url == <HttpConnectionManager as prost::Name>::type_url() && address.ip().is_unspecified() {
+        return Ok(ListenerSpec {
+            route_config: Some(hcm_route_config(listener)?),
+            port_table: Some(address.port()),
+            ..ListenerSpec::default()
+        });
+    }
+    if url == <TcpProxy as prost::Name>::type_url() {
+        let Some(filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+            return Ok(ListenerSpec::default());
+        };
+        let proxy: TcpProxy = unpack(any)
+            .map_err(|e| Invalid::new("filter_chains[0].filters[0].typed_config", e.to_string()))?;
+        let cluster = match proxy.cluster_specifier {
+            Some(tcp_proxy::ClusterSpecifier::Cluster(name)) if !name.is_empty() => name,
+            _ => {
+                return Err(Invalid::new(
+                    "filter_chains[0].filters[0].typed_config (tcp_proxy).cluster",
+                    "is required (weighted_clusters are not supported)",
+                ));
+            }
+        };
+        return Ok(ListenerSpec {
+            tcp_vip: Some((address, cluster)),
+            ..ListenerSpec::default()
+        });
+    }
+    Ok(ListenerSpec::default())
+}
+
+/// The RDS name of a listener made of one chain with one HTTP connection
+/// manager.
+fn hcm_route_config(listener: &Listener) -> Result<String> {
     reject_if(listener.api_listener.is_some(), "api_listener")?;
     reject_if(
         listener.default_filter_chain.is_some(),
@@ -69,7 +149,7 @@ pub(super) fn compile(listener: &Listener) -> Result<ListenerSpec> {
     if chain.transport_socket.is_some() {
         return Err(Invalid::new(
             "transport_socket",
-            "is not supported (TLS comes with the identity work)",
+            "is not supported (applications talk plaintext to their sidecar)",
         )
         .within(&prefix));
     }
@@ -84,12 +164,8 @@ pub(super) fn compile(listener: &Listener) -> Result<ListenerSpec> {
         )),
     }
     .map_err(|e| e.within(&prefix))?;
-    let route_config = route_config_name(&hcm)
-        .map_err(|e| e.within(&format!("{prefix}filters[0].typed_config ({HCM_FILTER}).")))?;
-    Ok(ListenerSpec {
-        route_config: Some(route_config),
-        inbound_mode: None,
-    })
+    route_config_name(&hcm)
+        .map_err(|e| e.within(&format!("{prefix}filters[0].typed_config ({HCM_FILTER}).")))
 }
 
 /// The mode of the `inbound` listener: a chain for `tls` is required (the

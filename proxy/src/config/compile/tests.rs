@@ -220,9 +220,10 @@ fn lds_error(f: impl FnOnce(&mut HttpConnectionManager)) -> String {
     );
     let applied = apply(&mut compiler, ResourceType::Listener, "v-bad", &bad);
     assert_eq!(applied.errors.len(), 1, "{:#?}", applied.errors);
+    // The outbound table, and one per HTTP port for intercepted traffic.
     assert_eq!(
         compiler.route_names(),
-        BTreeSet::from(["outbound".to_string()])
+        BTreeSet::from(["80", "8080", "9090", "outbound"].map(String::from))
     );
     applied.errors[0].to_string()
 }
@@ -619,7 +620,7 @@ fn the_config_is_complete_only_when_every_part_arrived() {
     assert!(!step(&mut compiler, ResourceType::Listener));
     assert_eq!(
         compiler.route_names(),
-        BTreeSet::from(["outbound".to_string()])
+        BTreeSet::from(["80", "8080", "9090", "outbound"].map(String::from))
     );
     assert!(!step(&mut compiler, ResourceType::Route), "no clusters yet");
     assert!(
@@ -775,14 +776,40 @@ fn listener_nacks() {
 }
 
 #[test]
-fn other_listeners_are_accepted_and_ignored() {
-    let (compiler, _) = compiled(EXAMPLE);
-    assert!(
-        compiler.listeners.len() > 1,
-        "0.0.0.0_PORT and VIP listeners"
+fn intercepted_traffic_gets_per_port_tables_and_tcp_vips() {
+    let mesh = EXAMPLE.replacen(
+        "  - name: catalog\n    namespace: shop\n",
+        "  - name: catalog\n    namespace: shop\n    vip: 10.96.0.10\n",
+        1,
     );
-    assert_eq!(compiler.route_names().len(), 1);
-    // Not even checked: they are not used yet.
+    let (compiler, _) = compiled(&mesh);
+    let config = compiler.build(&state()).0;
+    let intercepted = &config.intercepted;
+    assert_eq!(
+        intercepted.ports.keys().copied().collect::<Vec<_>>(),
+        [80, 8080, 9090]
+    );
+    // catalog has a virtual IP on 8080 (HTTP), ledger one on 5432 (TCP).
+    let catalog_vip: std::net::SocketAddr = "10.96.0.10:8080".parse().expect("address");
+    assert!(intercepted.http_vips.contains(&catalog_vip));
+    let http = crate::transparent::destination(&config, catalog_vip, &[15001]);
+    let crate::transparent::Destination::Http { port, cluster, .. } = http else {
+        panic!("{http:?}");
+    };
+    assert_eq!(port, 8080);
+    assert_eq!(cluster.expect("the service's cluster").name, CATALOG_ALL);
+    let (ledger_vip, ledger) = intercepted.tcp_vips.iter().next().expect("ledger's VIP");
+    assert!(ledger.name.contains("ledger"), "{}", ledger.name);
+    assert!(matches!(
+        crate::transparent::destination(&config, *ledger_vip, &[15001]),
+        crate::transparent::Destination::Tcp { .. }
+    ));
+    assert!(!intercepted.endpoints.is_empty());
+}
+
+#[test]
+fn other_listeners_are_accepted_and_ignored() {
+    // Listeners of shapes the proxy does not use are not even checked.
     let res = translate_yaml(EXAMPLE);
     let mut compiler = Compiler::new();
     let odd = modified(

@@ -134,7 +134,8 @@ fn responses_are_acked_and_dependent_types_subscribed() {
     };
     assert_eq!((short(ack), ack.response_nonce.as_str()), ("LDS", "n2"));
     assert_eq!(short(rds), "RDS");
-    assert_eq!(rds.resource_names, ["outbound"]);
+    // The outbound table, and one per HTTP port for intercepted traffic.
+    assert_eq!(rds.resource_names, ["80", "8080", "9090", "outbound"]);
 
     let step = client.on_response(response(&res, ResourceType::Endpoint, "n3"), 1);
     assert_eq!(step.requests.len(), 1, "just the ACK");
@@ -147,7 +148,10 @@ fn responses_are_acked_and_dependent_types_subscribed() {
 
     let step = client.on_response(response(&res, ResourceType::Route, "n4"), 1);
     assert_eq!(step.requests.len(), 1);
-    assert_eq!(step.requests[0].resource_names, ["outbound"]);
+    assert_eq!(
+        step.requests[0].resource_names,
+        ["80", "8080", "9090", "outbound"]
+    );
     assert!(client.build(&state).1, "complete");
 
     let status = client.status();
@@ -156,7 +160,7 @@ fn responses_are_acked_and_dependent_types_subscribed() {
         Some(res.of(ResourceType::Route).version.as_str())
     );
     assert_eq!(status["RDS"].last_nonce.as_deref(), Some("n4"));
-    assert_eq!(status["RDS"].subscribed, ["outbound"]);
+    assert_eq!(status["RDS"].subscribed, ["80", "8080", "9090", "outbound"]);
     assert!(status["CDS"].wildcard && status["CDS"].last_nack.is_none());
     assert_eq!(status["CDS"].last_update, Some(1));
 }
@@ -271,7 +275,7 @@ fn a_reconnect_resends_every_subscription_with_the_accepted_versions() {
                 res.of(ResourceType::Endpoint).resources.len()
             ),
             ("LDS", res.of(ResourceType::Listener).version.as_str(), 0),
-            ("RDS", res.of(ResourceType::Route).version.as_str(), 1),
+            ("RDS", res.of(ResourceType::Route).version.as_str(), 4),
         ]
     );
     assert!(
