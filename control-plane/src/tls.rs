@@ -85,6 +85,8 @@ pub enum TlsError {
 struct Issued {
     key: Arc<CertifiedKey>,
     not_before: OffsetDateTime,
+    /// When it was signed (`not_before` is a minute earlier).
+    issued_at: OffsetDateTime,
     not_after: OffsetDateTime,
 }
 
@@ -143,6 +145,7 @@ impl ServingCert {
             key: Arc::new(CertifiedKey::new(chain, signing_key)),
             // As `Ca::sign_csr` sets it.
             not_before: now - crate::ca::CLOCK_SKEW,
+            issued_at: now,
             not_after: leaf.not_after,
         })
     }
@@ -162,10 +165,13 @@ impl ServingCert {
         self.current.load().not_after
     }
 
-    /// Half-way through the current certificate's validity.
+    /// Half-way through the current certificate's life, counted from when
+    /// it was issued: `notBefore` is backdated for clock skew, and counting
+    /// from it would renew a short-lived certificate at once, again and
+    /// again.
     pub fn renew_at(&self) -> OffsetDateTime {
         let current = self.current.load();
-        current.not_before + (current.not_after - current.not_before) / 2
+        current.issued_at + (current.not_after - current.issued_at) / 2
     }
 
     /// Issues a new certificate and key now and swaps them in; handshakes
