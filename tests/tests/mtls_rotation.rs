@@ -7,7 +7,9 @@
 //!   failed renewals, keep their certificate and traffic, and renew as soon
 //!   as it is back, before the old certificate expires;
 //! - the root CA is replaced by the three steps of `docs/operations.md`
-//!   (trust both, sign with the new one, drop the old one).
+//!   (trust both, sign with the new one, drop the old one);
+//! - the control plane's own serving certificate, which lives `--leaf-ttl`
+//!   too, is renewed at half its lifetime.
 //!
 //! Each test runs one HTTP application (`web`) with a sidecar and the
 //! topology's client sidecar, with paced load from the client through both.
@@ -246,7 +248,7 @@ struct Leaf {
 impl Leaf {
     fn parse(der: &[u8]) -> Result<Leaf> {
         let (_, cert) = X509Certificate::from_der(der)
-            .map_err(|e| anyhow!("the sidecar's certificate does not parse: {e}"))?;
+            .map_err(|e| anyhow!("a presented certificate does not parse: {e}"))?;
         Ok(Leaf {
             der: der.to_vec(),
             serial: cert.tbs_certificate.raw_serial_as_string(),
