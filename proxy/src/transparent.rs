@@ -182,11 +182,11 @@ mod tests {
         let config = Config::default();
         let own = [15001, 15006];
         assert!(matches!(
-            destination(&config, "127.0.0.1:15006".parse().unwrap(), &own),
+            destination(&config, "127.0.0.1:15006".parse().expect("address"), &own),
             Destination::Loop
         ));
         assert!(matches!(
-            destination(&config, "192.0.2.7:15006".parse().unwrap(), &own),
+            destination(&config, "192.0.2.7:15006".parse().expect("address"), &own),
             Destination::Passthrough
         ));
     }
