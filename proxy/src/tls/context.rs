@@ -156,8 +156,16 @@ impl TlsContext {
         if roots == self.configs.load().root_keys {
             return Ok(false);
         }
-        let configs = Configs::new(&self.resolver, bundle, roots)?;
+        let configs = Configs::new(&self.resolver, bundle.clone(), roots)?;
         self.configs.store(Arc::new(configs));
+        for follower in self
+            .followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            follower(&bundle);
+        }
         Ok(true)
     }
 
