@@ -165,6 +165,11 @@ pub struct Service {
     pub namespace: String,
     /// Virtual IP that clients may dial (used by transparent interception).
     pub vip: Option<IpAddr>,
+    /// For a service outside the mesh: the DNS name its instances are
+    /// found under (`api.example.test`). Such a service has no endpoints
+    /// and no subsets; proxies resolve the name themselves, honouring
+    /// TTLs, and every address in the answer is an instance.
+    pub hostname: Option<String>,
     /// Ports, at least one.
     pub ports: Vec<ServicePort>,
     /// How requests are spread over endpoints.
@@ -342,6 +347,15 @@ impl Endpoint {
             .or(self.port)
             .or(service_port.target_port)
             .unwrap_or(service_port.port)
+    }
+}
+
+impl ServicePort {
+    /// The port instances serve it on when no endpoint says otherwise
+    /// (and always, for a service found by DNS): `target_port`, else the
+    /// port itself.
+    pub fn instance_port(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
     }
 }
 
@@ -717,6 +731,8 @@ fn validate(mesh: &Mesh) -> Vec<ModelError> {
 
     validate_tokens(&mesh.workload_tokens, &root, &mut errors);
 
+    validate_hostnames(mesh, &root, &mut errors);
+
     let mut vips: HashMap<(IpAddr, u16), ServiceKey> = HashMap::new();
     for (i, service) in mesh.services.iter().enumerate() {
         let Some(vip) = service.vip else { continue };
@@ -733,6 +749,86 @@ fn validate(mesh: &Mesh) -> Vec<ModelError> {
         }
     }
     errors
+}
+
+/// Services found by DNS: a valid name, not one the mesh's own services
+/// answer to, used once; no endpoints or subsets (DNS gives the instances).
+fn validate_hostnames(mesh: &Mesh, root: &FieldPath, errors: &mut Vec<ModelError>) {
+    let mut in_mesh: HashMap<String, ServiceKey> = HashMap::new();
+    for service in &mesh.services {
+        let key = service.key();
+        for name in [
+            key.name.clone(),
+            key.to_string(),
+            format!("{key}.svc"),
+            key.fqdn(),
+        ] {
+            in_mesh.entry(name).or_insert_with(|| key.clone());
+        }
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, service) in mesh.services.iter().enumerate() {
+        let Some(hostname) = service.hostname.as_deref() else {
+            continue;
+        };
+        let path = root.key("services").index(i);
+        if let Err(why) = check_hostname(hostname) {
+            errors.push(ModelError::new(
+                path.key("hostname"),
+                format!("{hostname:?} is not a DNS name: {why}"),
+            ));
+        } else if let Some(other) = in_mesh.get(hostname) {
+            errors.push(ModelError::new(
+                path.key("hostname"),
+                format!(
+                    "{hostname:?} is a name of the mesh's service {other}: an external service needs a name outside the mesh"
+                ),
+            ));
+        } else if let Some(first) = seen.insert(hostname, i) {
+            errors.push(ModelError::new(
+                path.key("hostname"),
+                format!("duplicate hostname {hostname:?}: services[{first}] already has it"),
+            ));
+        }
+        if !service.endpoints.is_empty() {
+            errors.push(ModelError::new(
+                path.key("endpoints"),
+                "a service with a hostname gets its instances from DNS: remove `endpoints` (or `hostname`)",
+            ));
+        }
+        if !service.subsets.is_empty() {
+            errors.push(ModelError::new(
+                path.key("subsets"),
+                "a service with a hostname has no labelled endpoints to select: remove `subsets`",
+            ));
+        }
+    }
+}
+
+/// A host name as DNS resolves it: dot-separated labels of letters, digits
+/// and `-`, lower case, at most 253 characters, not an IP address.
+fn check_hostname(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("it is empty");
+    }
+    if name.len() > 253 {
+        return Err("it is longer than 253 characters");
+    }
+    if name.parse::<IpAddr>().is_ok() {
+        return Err("it is an IP address: give the service `endpoints` instead");
+    }
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err("write it in lower case");
+    }
+    if !name.split('.').all(is_dns_label) {
+        return Err(
+            "each dot-separated label must be 1-63 letters, digits or '-', not starting or ending with '-'",
+        );
+    }
+    if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err("it has only digits");
+    }
+    Ok(())
 }
 
 /// Messages never quote a token: they name the entry instead.
@@ -1086,6 +1182,7 @@ pub(crate) mod fixtures {
             name: name.into(),
             namespace: "default".into(),
             vip: None,
+            hostname: None,
             ports: vec![ServicePort {
                 name: Some("main".into()),
                 port,
@@ -1142,6 +1239,56 @@ mod tests {
         web.routes = vec![route("all", vec![backend("api", 1)])];
         let api = service("api", 8080, Protocol::Grpc);
         assert_eq!(errors(vec![web, api]), Vec::<String>::new());
+    }
+
+    fn external(name: &str, hostname: &str) -> Service {
+        Service {
+            namespace: "ext".into(),
+            hostname: Some(hostname.into()),
+            endpoints: Vec::new(),
+            ..service(name, 8080, Protocol::Http)
+        }
+    }
+
+    #[test]
+    fn a_service_by_hostname_is_valid_and_routable() {
+        let mut web = service("web", 80, Protocol::Http);
+        let mut to_api = backend("api", 1);
+        to_api.service.namespace = "ext".into();
+        web.routes = vec![route("all", vec![to_api])];
+        let api = external("api", "api.example.test");
+        assert_eq!(errors(vec![web, api]), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_hostname_is_checked_and_excludes_endpoints_and_subsets() {
+        let mut with_endpoints = external("a", "a.example.test");
+        with_endpoints.endpoints = vec![endpoint([127, 0, 0, 1], 9000)];
+        with_endpoints.subsets = vec![Subset {
+            name: "v1".into(),
+            labels: BTreeMap::from([("version".into(), "v1".into())]),
+        }];
+        let errs = errors(vec![
+            with_endpoints,
+            external("b", "Api.Example.test"),
+            external("c", "10.0.0.1"),
+            external("d", "bad..name"),
+            external("e", "a.example.test"),
+            external("f", "web.default"),
+            service("web", 80, Protocol::Http),
+        ]);
+        assert_eq!(
+            errs,
+            [
+                "services[0].endpoints: a service with a hostname gets its instances from DNS: remove `endpoints` (or `hostname`)",
+                "services[0].subsets: a service with a hostname has no labelled endpoints to select: remove `subsets`",
+                "services[1].hostname: \"Api.Example.test\" is not a DNS name: write it in lower case",
+                "services[2].hostname: \"10.0.0.1\" is not a DNS name: it is an IP address: give the service `endpoints` instead",
+                "services[3].hostname: \"bad..name\" is not a DNS name: each dot-separated label must be 1-63 letters, digits or '-', not starting or ending with '-'",
+                "services[4].hostname: duplicate hostname \"a.example.test\": services[0] already has it",
+                "services[5].hostname: \"web.default\" is a name of the mesh's service web.default: an external service needs a name outside the mesh",
+            ]
+        );
     }
 
     #[test]

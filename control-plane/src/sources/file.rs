@@ -496,6 +496,7 @@ struct RawService {
     name: String,
     namespace: Option<String>,
     vip: Option<String>,
+    hostname: Option<String>,
     load_balancer: Option<RawLoadBalancer>,
     connect_timeout: Option<String>,
     mtls: Option<RawMtlsMode>,
@@ -842,6 +843,7 @@ impl Convert {
             name: raw.name,
             namespace,
             vip,
+            hostname: raw.hostname,
             ports,
             load_balancer: match raw.load_balancer {
                 None | Some(RawLoadBalancer::RoundRobin) => LoadBalancer::RoundRobin,

@@ -1,4 +1,6 @@
 //! Endpoint assignments: the members of each cluster, grouped by locality.
+//! Services found by DNS have none: their clusters carry the hostname in
+//! their own `load_assignment`.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +20,7 @@ use crate::model::{Endpoint, Health, Mesh, ServicePort};
 
 pub(super) fn load_assignments(mesh: &Mesh) -> Vec<ClusterLoadAssignment> {
     all_clusters(mesh)
+        .filter(|(service, _, _)| service.hostname.is_none())
         .map(|(service, port, subset_name)| {
             let subset = subset_name.and_then(|n| service.subset(n));
             let mixed = matches!(

@@ -119,6 +119,14 @@ fn virtual_host(
         }
         domains.push(format!("{host}:{}", port.port));
     }
+    // A service outside the mesh also answers to the name the application
+    // would call it by without a mesh.
+    if let Some(hostname) = &service.hostname {
+        if portless {
+            domains.push(hostname.clone());
+        }
+        domains.push(format!("{hostname}:{}", port.port));
+    }
     if let Some(vip) = service.vip {
         domains.push(match vip {
             std::net::IpAddr::V4(ip) => format!("{ip}:{}", port.port),

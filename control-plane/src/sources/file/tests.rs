@@ -250,6 +250,53 @@ services:
 }
 
 #[test]
+fn an_external_service_by_hostname_parses() {
+    let yaml = "\
+services:
+  - name: web
+    namespace: shop
+    ports: [{port: 80, protocol: http}]
+    routes:
+      - backends: [{service: api.ext}]
+  - name: api
+    namespace: ext
+    hostname: api.example.test
+    ports: [{name: http, port: 8080, protocol: http}]
+    routes:
+      - {backends: [{service: api}], timeout: 2s, retry: {on: [connect-failure]}}
+";
+    let mesh = parse(Path::new("mesh.yaml"), yaml).unwrap_or_else(|e| panic!("{e}"));
+    let api = &mesh.services()[1];
+    assert_eq!(api.hostname.as_deref(), Some("api.example.test"));
+    assert!(api.endpoints.is_empty());
+    assert_eq!(api.routes[0].timeout, Some(Duration::from_secs(2)));
+    assert_eq!(mesh.services()[0].hostname, None);
+}
+
+#[test]
+fn a_hostname_with_endpoints_or_a_bad_name_is_refused_with_its_place() {
+    let yaml = "\
+services:
+  - name: api
+    namespace: ext
+    hostname: api.example.test
+    ports: [{port: 8080, protocol: http}]
+    endpoints:
+      - {address: 10.0.0.1}
+  - name: bad
+    hostname: \"not a name\"
+    ports: [{port: 8080, protocol: http}]
+";
+    assert_eq!(
+        refused(yaml),
+        "mesh.yaml:6:5: services[0].endpoints: a service with a hostname gets its instances from \
+         DNS: remove `endpoints` (or `hostname`)\n\
+         mesh.yaml:9:5: services[1].hostname: \"not a name\" is not a DNS name: each \
+         dot-separated label must be 1-63 letters, digits or '-', not starting or ending with '-'"
+    );
+}
+
+#[test]
 fn a_wrong_mtls_mode_is_refused_with_its_place() {
     let yaml = "\
 services:
