@@ -33,22 +33,35 @@ pub fn pick_backend(backends: &[WeightedCluster], total_weight: u32) -> Option<&
 }
 
 /// Picks an endpoint of `cluster`, avoiding `avoid` when another exists.
+/// A DNS cluster's members are its current answer (one atomic load).
 pub fn pick_endpoint(cluster: &Cluster, avoid: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
-    let members = &cluster.members;
+    match &cluster.dns {
+        None => pick(cluster, &cluster.members, cluster.total_weight, avoid),
+        Some(dns) => {
+            let answer = dns.answer();
+            pick(cluster, &answer.members, answer.total_weight, avoid)
+        }
+    }
+}
+
+fn pick(
+    cluster: &Cluster,
+    members: &[Member],
+    total_weight: u64,
+    avoid: Option<&Arc<Endpoint>>,
+) -> Option<Arc<Endpoint>> {
+    let choose = || match cluster.lb_policy {
+        LbPolicy::RoundRobin => round_robin(cluster, members, total_weight),
+        LbPolicy::LeastRequest => least_request(members, total_weight),
+    };
     let first = match members.len() {
         0 => return None,
         1 => return members.first().map(|m| m.endpoint.clone()),
-        _ => match cluster.lb_policy {
-            LbPolicy::RoundRobin => round_robin(cluster),
-            LbPolicy::LeastRequest => least_request(cluster),
-        },
+        _ => choose(),
     };
     match (first, avoid) {
         (Some(m), Some(avoid)) if Arc::ptr_eq(&m.endpoint, avoid) => {
-            let second = match cluster.lb_policy {
-                LbPolicy::RoundRobin => round_robin(cluster),
-                LbPolicy::LeastRequest => least_request(cluster),
-            };
+            let second = choose();
             second
                 .filter(|s| !Arc::ptr_eq(&s.endpoint, avoid))
                 .or_else(|| members.iter().find(|m| !Arc::ptr_eq(&m.endpoint, avoid)))
@@ -58,16 +71,16 @@ pub fn pick_endpoint(cluster: &Cluster, avoid: Option<&Arc<Endpoint>>) -> Option
     }
 }
 
-fn round_robin(cluster: &Cluster) -> Option<&Member> {
-    let total = cluster.total_weight.max(1);
+fn round_robin<'a>(cluster: &Cluster, members: &'a [Member], total: u64) -> Option<&'a Member> {
+    let total = total.max(1);
     let n = cluster.balancer.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
-    by_weight(&cluster.members, n)
+    by_weight(members, n)
 }
 
-fn least_request(cluster: &Cluster) -> Option<&Member> {
-    let total = cluster.total_weight.max(1);
-    let a = by_weight(&cluster.members, fastrand::u64(0..total))?;
-    let b = by_weight(&cluster.members, fastrand::u64(0..total))?;
+fn least_request(members: &[Member], total: u64) -> Option<&Member> {
+    let total = total.max(1);
+    let a = by_weight(members, fastrand::u64(0..total))?;
+    let b = by_weight(members, fastrand::u64(0..total))?;
     // Compare load per unit of weight without dividing:
     // a.load / a.weight <= b.load / b.weight.
     let load = |m: &Member| m.endpoint.outstanding.load(Ordering::Relaxed) as u64;
@@ -147,6 +160,7 @@ mod tests {
             protocol: AppProtocol::Http1,
             total_weight: members.iter().map(|m| u64::from(m.weight)).sum(),
             members,
+            dns: None,
             balancer: Arc::new(BalancerState::default()),
             clients: Arc::new(Clients::new(Duration::from_secs(1))),
         }

@@ -81,6 +81,11 @@ pub struct Bootstrap {
     /// (`{"outbound": ..., "inbound": ..., "admin": ...}`), for port 0.
     #[arg(long)]
     pub address_file: Option<PathBuf>,
+    /// The DNS server (IP:PORT) that resolves the hostnames of services
+    /// outside the mesh (STRICT_DNS and LOGICAL_DNS clusters). Default: the
+    /// system's resolver configuration (`/etc/resolv.conf`).
+    #[arg(long, env = "REMORA_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
     /// Log filter (tracing-subscriber syntax); changeable at runtime
     /// through `/logging?level=`.
     #[arg(long, env = "REMORA_LOG", default_value = "info")]

@@ -377,10 +377,16 @@ pub struct Cluster {
     pub lb_policy: LbPolicy,
     /// The protocol the endpoints' applications speak.
     pub protocol: AppProtocol,
-    /// Endpoints that take traffic, in a stable order.
+    /// Endpoints that take traffic, in a stable order (EDS; empty for a
+    /// DNS cluster, whose members are in `dns`).
     pub members: Vec<Member>,
     /// Sum of the members' weights.
     pub total_weight: u64,
+    /// For a STRICT_DNS or LOGICAL_DNS cluster: the live answer, kept
+    /// fresh by a background task, which balancing reads instead of
+    /// `members` (one atomic load).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Arc<crate::dns::Resolution>>,
     /// Balancer state shared across config versions.
     #[serde(skip)]
     pub balancer: Arc<BalancerState>,

@@ -13,6 +13,7 @@ pub mod balance;
 pub mod bootstrap;
 pub mod config;
 pub mod detect;
+pub mod dns;
 pub mod errors;
 pub mod http;
 pub mod identity;

@@ -71,6 +71,7 @@ pub fn main(bootstrap: Bootstrap) -> ExitCode {
 }
 
 async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result<()> {
+    crate::dns::configure(bootstrap.dns_server);
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(State::new(metrics.clone()));
     let store = Arc::new(ConfigStore::default());

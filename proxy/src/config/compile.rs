@@ -357,6 +357,7 @@ impl Compiler {
     pub fn endpoint_names(&self) -> BTreeSet<String> {
         self.clusters
             .values()
+            .filter(|c| c.spec.dns.is_none())
             .map(|c| c.spec.eds_name.clone())
             .collect()
     }
@@ -382,7 +383,7 @@ impl Compiler {
         let all_endpoints = self
             .clusters
             .values()
-            .all(|c| self.assignments.contains_key(&c.spec.eds_name));
+            .all(|c| c.spec.dns.is_some() || self.assignments.contains_key(&c.spec.eds_name));
 
         let table = self
             .listeners
@@ -591,6 +592,12 @@ fn build_cluster(
             weight: m.weight,
         })
         .collect();
+    // A DNS cluster's members come from its resolution, which outlives
+    // this config as long as a config has the cluster.
+    let dns = spec
+        .dns
+        .as_ref()
+        .map(|target| crate::dns::resolution(state, name, target, spec.protocol));
     Cluster {
         name: name.to_string(),
         connect_timeout: spec.connect_timeout,
@@ -598,6 +605,7 @@ fn build_cluster(
         protocol: spec.protocol,
         total_weight: members.iter().map(|m| u64::from(m.weight)).sum(),
         members,
+        dns,
         balancer: state.balancer(name),
         clients: state.clients(spec.connect_timeout),
     }

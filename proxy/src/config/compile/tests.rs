@@ -1020,7 +1020,7 @@ fn cluster_nacks() {
     assert_eq!(
         msg,
         format!(
-            "Cluster {CATALOG_V1:?}: type: STRICT_DNS is not supported (only EDS; DNS discovery comes later)"
+            "Cluster {CATALOG_V1:?}: load_assignment: is missing (a STRICT_DNS cluster needs exactly one endpoint: the hostname and port to resolve)"
         )
     );
     let msg = cds_error(CATALOG_V1, |c| {
