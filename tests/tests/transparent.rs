@@ -88,7 +88,14 @@ while True:
 print("ECHO " + got.decode().strip())
 "#;
 
-fn mesh(web: &Pod, db: &Pod, web_vip: &str, db_vip: &str) -> String {
+fn mesh(
+    web: &Pod,
+    db: &Pod,
+    web_vip: &str,
+    db_vip: &str,
+    grpc_vip: &str,
+    grpc_port: u16,
+) -> String {
     format!(
         r#"
 services:
@@ -98,16 +105,23 @@ services:
     ports: [{{name: http, port: 80, protocol: http}}]
     endpoints:
       - {{address: {web}, port: 8080, identity: {{service_account: web}}}}
+  - name: greeter
+    namespace: test
+    vip: {grpc_vip}
+    ports: [{{name: grpc, port: 9090, protocol: grpc}}]
+    endpoints:
+      - {{address: {web}, port: {grpc_port}, identity: {{service_account: web}}}}
   - name: db
     namespace: test
     vip: {db_vip}
     ports:
       - {{name: echo, port: 9000, protocol: tcp}}
       - {{name: smtp, port: 25, protocol: tcp}}
+      - {{name: redis, port: 6379, protocol: tcp}}
     endpoints:
       - address: {db}
         identity: {{service_account: db}}
-        ports: {{echo: 9000, smtp: 25}}
+        ports: {{echo: 9000, smtp: 25, redis: 6379}}
 workload_tokens:
   - {{namespace: test, service_account: client, token: client-bootstrap-token-0123}}
   - {{namespace: test, service_account: web, token: web-bootstrap-token-0123}}
@@ -126,8 +140,10 @@ fn shared_file(dir: &TestDir, name: &str, text: &str) -> Result<PathBuf> {
 }
 
 struct Sidecar {
-    _child: Child,
+    child: Child,
     pod: Pod,
+    /// How it was started, to start it again.
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Sidecar {
@@ -172,15 +188,50 @@ fn start_sidecar(
         .args(["--inbound-addr", "0.0.0.0:15006"])
         .args(["--admin-addr", "127.0.0.1:15020"])
         .args(["--workers", "1", "--log", "info,remora_proxy=debug"]);
+    let args = cmd.get_args().map(ToOwned::to_owned).collect();
     let child = Child::spawn(dir, &format!("sidecar-{}", pod.name()), &mut cmd)?;
     run(pod
         .command(proxy_binary()?)
         .args(["init", "--exclude-outbound-cidrs", exclude]))
     .with_context(|| format!("remora-proxy init in pod {}", pod.name()))?;
     Ok(Sidecar {
-        _child: child,
+        child,
         pod: pod.clone(),
+        args,
     })
+}
+
+impl Sidecar {
+    /// Kills the sidecar (SIGKILL) and starts it again, as a restarted
+    /// container would be; the iptables rules stay.
+    fn restart(&mut self, dir: &TestDir) -> Result<()> {
+        self.child.kill();
+        let mut cmd = Command::new("ip");
+        cmd.args(&self.args);
+        self.child = Child::spawn(dir, &format!("sidecar-{}-again", self.pod.name()), &mut cmd)?;
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let child = &mut self.child;
+        let pod = self.pod.clone();
+        eventually(
+            &format!("the {} sidecar is ready", pod.name()),
+            WAIT,
+            async || {
+                child.check_running()?;
+                let ready = run_stdout(pod.command("curl").args([
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "http://127.0.0.1:15020/ready",
+                ]))?;
+                ensure!(ready.trim() == "ready", "{ready}");
+                Ok(())
+            },
+        )
+        .await
+    }
 }
 
 fn start(
@@ -222,8 +273,14 @@ async fn unmodified_clients_reach_services_through_intercepting_sidecars() {
 }
 
 async fn transparent(dir: &TestDir) -> Result<()> {
-    if Command::new("curl").arg("--version").output().is_err() {
-        bail!("curl is not installed (apt-get install curl): the pods' client is curl");
+    for (tool, package) in [
+        ("curl", "curl"),
+        ("redis-server", "redis-server"),
+        ("redis-cli", "redis-tools"),
+    ] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            bail!("{tool} is not installed (apt-get install {package}): the pods run it");
+        }
     }
     let cluster = Cluster::new("tp")?;
     let client = cluster.pod("client")?;
@@ -232,18 +289,53 @@ async fn transparent(dir: &TestDir) -> Result<()> {
     let outside = cluster.pod("outside")?;
     let web_vip = cluster.free_ip()?;
     let db_vip = cluster.free_ip()?;
+    let grpc_vip = cluster.free_ip()?;
     client.add_hosts(&[
         ("web.test", web_vip),
         ("db.test", db_vip),
+        ("greeter.test", grpc_vip),
         ("outside", outside.ip()),
     ])?;
     let gw = cluster.gateway();
+
+    // A gRPC server in the web pod, on a port of its choosing.
+    let grpc_log = dir.file("grpc-web.out");
+    let mut grpc = web.command(python());
+    grpc.arg(remora_tests::workspace::peer_script("grpc_peer.py"))
+        .args(["serve", "--name", "greeter-web", "--host", "0.0.0.0"]);
+    // It serves until its stdin closes: keep that open for the test.
+    let mut grpc = Child::spawn_with_stdio(
+        dir,
+        "grpc-web",
+        &mut grpc,
+        &dir.file("grpc-web.log"),
+        std::process::Stdio::piped(),
+        Some(std::process::Stdio::from(std::fs::File::create(&grpc_log)?)),
+    )?;
+    let _grpc_stdin = grpc.inner_mut().stdin.take();
+    let grpc_port: u16 = eventually("the gRPC server says its port", WAIT, async || {
+        let out = std::fs::read_to_string(&grpc_log)?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("PORT "))
+            .context("no PORT line yet")?
+            .trim()
+            .parse::<u16>()
+            .context("a port")
+    })
+    .await?;
 
     // The control plane on the node side, on fixed ports of its namespace.
     let mesh_path = shared_file(
         dir,
         "mesh.yaml",
-        &mesh(&web, &db, &web_vip.to_string(), &db_vip.to_string()),
+        &mesh(
+            &web,
+            &db,
+            &web_vip.to_string(),
+            &db_vip.to_string(),
+            &grpc_vip.to_string(),
+            grpc_port,
+        ),
     )?;
     let ca_dir = dir.file("ca");
     let mut cp = cluster.node_command(control_plane_binary()?);
@@ -281,6 +373,24 @@ async fn transparent(dir: &TestDir) -> Result<()> {
         &["-c", TCP_ECHO, "9000", "echo"],
     )?;
     let _db_smtp = start(dir, &db, "smtp", python(), &["-c", TCP_ECHO, "25", "greet"])?;
+    let _db_redis = start(
+        dir,
+        &db,
+        "redis",
+        "redis-server",
+        &[
+            "--port",
+            "6379",
+            "--bind",
+            "0.0.0.0",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    )?;
     let _outside_app = start(
         dir,
         &outside,
@@ -291,9 +401,11 @@ async fn transparent(dir: &TestDir) -> Result<()> {
     wait_listening(&web, 8080).await?;
     wait_listening(&db, 9000).await?;
     wait_listening(&db, 25).await?;
+    wait_listening(&db, 6379).await?;
     wait_listening(&outside, 7000).await?;
-    // Direct, before any rule: the baseline connection setup time.
+    // Direct, before any rule: the baseline connection setup times.
     let direct = banner_ms(&client, &db.ip().to_string())?;
+    let redis_direct = redis_ms(&client, &db.ip().to_string())?;
 
     let mut sidecars = Vec::new();
     for (pod, service, token) in [
@@ -312,17 +424,8 @@ async fn transparent(dir: &TestDir) -> Result<()> {
             &exclude,
         )?);
     }
-    for sidecar in &sidecars {
-        eventually(
-            &format!("the {} sidecar is ready", sidecar.pod.name()),
-            WAIT,
-            async || {
-                let ready = sidecar.admin("/ready")?;
-                ensure!(ready.trim() == "ready", "{ready}");
-                Ok(())
-            },
-        )
-        .await?;
+    for sidecar in &mut sidecars {
+        sidecar.wait_ready().await?;
     }
     let client_sidecar = &sidecars[0];
     let web_sidecar = &sidecars[1];
@@ -400,6 +503,45 @@ async fn transparent(dir: &TestDir) -> Result<()> {
         "the banner took {meshed:.1} ms through the mesh, {direct:.1} ms direct"
     );
 
+    // Redis, with its own client: no detection wait either.
+    let redis = redis_ms(&client, "db.test")?;
+    ensure!(
+        redis < redis_direct + 50.0,
+        "redis-cli took {redis:.1} ms through the mesh, {redis_direct:.1} ms direct"
+    );
+    let out = run_stdout(
+        client
+            .command("redis-cli")
+            .args(["-h", "db.test", "SET", "mesh", "ok"]),
+    )?;
+    ensure!(out.trim() == "OK", "SET: {out}");
+    let out = run_stdout(
+        client
+            .command("redis-cli")
+            .args(["-h", "db.test", "GET", "mesh"]),
+    )?;
+    ensure!(out.trim() == "ok", "GET: {out}");
+
+    // gRPC by name through both sidecars (names from the hosts file, as
+    // libc resolves them: gRPC's own c-ares resolver does not read it).
+    let out = run_stdout(
+        client
+            .command(python())
+            .arg(remora_tests::workspace::peer_script("grpc_peer.py"))
+            .args(["rpc", "--target", "greeter.test:9090", "--method", "who"])
+            .env("GRPC_DNS_RESOLVER", "native"),
+    )?;
+    let rpc: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+    ensure!(
+        rpc["code"] == "OK" && rpc["replies"][0] == "greeter-web",
+        "gRPC through the mesh: {rpc}"
+    );
+    ensure!(
+        rpc["trailing_metadata"]["x-seen-x-remora-peer-identity"][0]
+            == "spiffe://cluster.local/ns/test/sa/client",
+        "the gRPC server did not see the caller's identity: {rpc}"
+    );
+
     // Outside the mesh: passed through, labelled so.
     let out = curl(&client, &[&format!("http://outside:7000/")])?;
     ensure!(out.contains("\"outside\""), "{out}");
@@ -425,6 +567,20 @@ async fn transparent(dir: &TestDir) -> Result<()> {
         "no loop counted"
     );
 
+    // The web sidecar killed: its pod is unreachable (its rules stay);
+    // restarted: reachable again as soon as it is ready.
+    let web_sidecar = &mut sidecars[1];
+    web_sidecar.restart(dir)?;
+    web_sidecar.wait_ready().await?;
+    let out = eventually(
+        "web answers again after its sidecar restarted",
+        WAIT,
+        async || curl(&client, &["http://web.test/again"]),
+    )
+    .await?;
+    ensure!(out.contains("/again"), "{out}");
+    let client_sidecar = &sidecars[0];
+
     // Uninstall: the client pod reaches web directly, without its sidecar.
     run(client
         .command(proxy_binary()?)
@@ -442,6 +598,20 @@ async fn transparent(dir: &TestDir) -> Result<()> {
         "after uninstall the client's traffic still went through its sidecar"
     );
     Ok(())
+}
+
+/// Milliseconds for `redis-cli -h host PING` (the best of three runs, to
+/// leave process start-up noise out).
+fn redis_ms(pod: &Pod, host: &str) -> Result<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let out = run_stdout(pod.command("redis-cli").args(["-h", host, "PING"]))?;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        ensure!(out.trim() == "PONG", "redis-cli PING to {host}: {out}");
+        best = best.min(ms);
+    }
+    Ok(best)
 }
 
 /// Milliseconds from connect to the banner of `host`'s port 25.
