@@ -543,7 +543,7 @@ async fn transparent(dir: &TestDir) -> Result<()> {
     );
 
     // Outside the mesh: passed through, labelled so.
-    let out = curl(&client, &[&format!("http://outside:7000/")])?;
+    let out = curl(&client, &["http://outside:7000/"])?;
     ensure!(out.contains("\"outside\""), "{out}");
     ensure!(
         client_sidecar.metric(
