@@ -33,9 +33,15 @@ impl HttpServer {
     /// Starts a server named `name` on `127.0.0.1:0` (on the current tokio
     /// runtime).
     pub async fn start(name: &str) -> Result<HttpServer> {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        HttpServer::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts a server named `name` on `addr` (another loopback address,
+    /// or a chosen port, for tests where DNS gives only addresses).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Result<HttpServer> {
+        let listener = TcpListener::bind(addr)
             .await
-            .context("binding a test server on 127.0.0.1:0")?;
+            .with_context(|| format!("binding a test server on {addr}"))?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(serve(listener, name.to_string(), requests.clone()));
