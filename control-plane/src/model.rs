@@ -33,6 +33,19 @@ pub struct Mesh {
     trust_domain: String,
     services: Vec<Service>,
     workload_tokens: Vec<WorkloadToken>,
+    outbound_traffic: OutboundTraffic,
+}
+
+/// What sidecars do with intercepted connections to destinations outside
+/// the mesh (Istio's `outboundTrafficPolicy` modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundTraffic {
+    /// Passed through to where they were going.
+    #[default]
+    AllowAny,
+    /// Refused (and counted).
+    RegistryOnly,
 }
 
 impl Mesh {
@@ -48,6 +61,7 @@ impl Mesh {
             trust_domain,
             services,
             workload_tokens,
+            outbound_traffic: OutboundTraffic::default(),
         };
         let errors = validate(&mesh);
         if errors.is_empty() {
@@ -63,7 +77,20 @@ impl Mesh {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
             services: Vec::new(),
             workload_tokens: Vec::new(),
+            outbound_traffic: OutboundTraffic::default(),
         }
+    }
+
+    /// The mesh with `policy` for destinations outside it.
+    pub fn with_outbound_traffic(mut self, policy: OutboundTraffic) -> Mesh {
+        self.outbound_traffic = policy;
+        self
+    }
+
+    /// What happens to intercepted connections to destinations outside
+    /// the mesh.
+    pub fn outbound_traffic(&self) -> OutboundTraffic {
+        self.outbound_traffic
     }
 
     /// The SPIFFE trust domain of workload identities.

@@ -553,6 +553,32 @@ async fn transparent(dir: &TestDir) -> Result<()> {
         "no passthrough counted"
     );
 
+    // With the mesh closed to unknown destinations: refused and counted.
+    let closed = format!(
+        "outbound_traffic: REGISTRY_ONLY\n{}",
+        std::fs::read_to_string(&mesh_path)?
+    );
+    let staged = dir.file("mesh.yaml.new");
+    std::fs::write(&staged, closed)?;
+    std::fs::rename(&staged, &mesh_path)?;
+    eventually(
+        "the client sidecar blocks destinations outside the mesh",
+        WAIT,
+        async || {
+            let out = curl(&client, &["http://outside:7000/"]);
+            ensure!(out.is_err(), "still passed through: {out:?}");
+            ensure!(
+                client_sidecar.metric(
+                    "remora_proxy_intercepted_connections_total",
+                    &[("service", "blocked")],
+                )? >= 1.0,
+                "no blocked connection counted"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+
     // A connection aimed at the proxy's own inbound port would loop.
     let looped = curl(&client, &[&format!("http://{}:15006/", client.ip())]);
     ensure!(
@@ -582,19 +608,19 @@ async fn transparent(dir: &TestDir) -> Result<()> {
     let client_sidecar = &sidecars[0];
 
     // Uninstall: the client pod reaches web directly, without its sidecar.
+    let intercepted = |s: &Sidecar| s.metric("remora_proxy_intercepted_connections_total", &[]);
+    let before = intercepted(client_sidecar)?;
     run(client
         .command(proxy_binary()?)
         .args(["init", "--uninstall"]))?;
     let out = curl(&client, &[&format!("http://{}:8080/direct", web.ip())]);
     // web's sidecar is still STRICT: plaintext from outside is refused.
     ensure!(out.is_err(), "plaintext reached a STRICT pod: {out:?}");
+    // Its sidecar would block this one (REGISTRY_ONLY): it goes direct.
     let out = curl(&client, &[&format!("http://{}:7000/direct", outside.ip())])?;
     ensure!(out.contains("\"outside\""), "{out}");
     ensure!(
-        client_sidecar.metric(
-            "remora_proxy_intercepted_connections_total",
-            &[("service", "passthrough")],
-        )? == 1.0,
+        intercepted(client_sidecar)? == before,
         "after uninstall the client's traffic still went through its sidecar"
     );
     Ok(())

@@ -40,7 +40,8 @@ use yaml_rust2::scanner::Marker;
 use super::Publisher;
 use crate::model::{
     Backend, Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TRUST_DOMAIN, DNS_SUFFIX, Endpoint,
-    FieldPath, HeaderMatch, Health, Identity, LoadBalancer, Mesh, ModelError, MtlsMode, PathMatch,
+    FieldPath, HeaderMatch, Health, Identity, LoadBalancer, Mesh, ModelError, MtlsMode,
+    OutboundTraffic, PathMatch,
     PathSegment, Pattern, Protocol, QueryMatch, RetryOn, RetryPolicy, Route, RouteMatch, Secret,
     Service, ServiceKey, ServicePort, StringMatch, Subset, WorkloadToken,
 };
@@ -474,6 +475,17 @@ struct RawMesh {
     services: Vec<RawService>,
     #[serde(default)]
     workload_tokens: Vec<RawWorkloadToken>,
+    outbound_traffic: Option<RawOutboundTraffic>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    rename_all = "SCREAMING_SNAKE_CASE",
+    expecting = "ALLOW_ANY or REGISTRY_ONLY"
+)]
+enum RawOutboundTraffic {
+    AllowAny,
+    RegistryOnly,
 }
 
 #[derive(Deserialize)]
@@ -749,9 +761,13 @@ fn build(raw: RawMesh) -> Result<Mesh, Vec<ModelError>> {
             token: Secret::new(t.token),
         })
         .collect();
+    let outbound_traffic = match raw.outbound_traffic {
+        None | Some(RawOutboundTraffic::AllowAny) => OutboundTraffic::AllowAny,
+        Some(RawOutboundTraffic::RegistryOnly) => OutboundTraffic::RegistryOnly,
+    };
     let mut errors = cx.errors;
     match Mesh::new(trust_domain, services, workload_tokens) {
-        Ok(mesh) if errors.is_empty() => Ok(mesh),
+        Ok(mesh) if errors.is_empty() => Ok(mesh.with_outbound_traffic(outbound_traffic)),
         Ok(_) => Err(errors),
         Err(model_errors) => {
             let reported: Vec<String> = errors.iter().map(|e| e.path.to_string()).collect();

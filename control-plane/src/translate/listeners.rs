@@ -34,7 +34,15 @@ use super::tls::{TRANSPORT_RAW_BUFFER, TRANSPORT_TLS, downstream_transport_socke
 use super::{
     Flavor, INBOUND, INBOUND_APP_CLUSTER, InboundView, OUTBOUND, View, ads, cluster_name, duration,
 };
-use crate::model::{Mesh, MtlsMode, Protocol};
+use crate::model::{Mesh, MtlsMode, OutboundTraffic, Protocol};
+
+/// The listener that says what happens to intercepted connections to
+/// destinations outside the mesh.
+const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+/// Its default chain's cluster with `outbound_traffic: ALLOW_ANY`.
+const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// Its default chain's cluster with `outbound_traffic: REGISTRY_ONLY`.
+const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
 
 const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
@@ -92,6 +100,38 @@ fn sidecar_listeners(mesh: &Mesh, outbound: SocketAddr) -> Vec<Listener> {
             network_filter(HCM_FILTER, &http_connection_manager(&port.to_string())),
         ));
     }
+
+    // Destinations outside the mesh (Istio's layout: the virtual outbound
+    // listener's default chain). Envoy gets no such clusters from us yet,
+    // so an Envoy sidecar refuses them either way; a Remora sidecar reads
+    // the cluster name.
+    let unknown = match mesh.outbound_traffic() {
+        OutboundTraffic::AllowAny => PASSTHROUGH_CLUSTER,
+        OutboundTraffic::RegistryOnly => BLACKHOLE_CLUSTER,
+    };
+    listeners.push(Listener {
+        name: VIRTUAL_OUTBOUND.to_string(),
+        address: Some(socket_address(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            outbound.port(),
+        ))),
+        bind_to_port: Some(BoolValue { value: false }),
+        use_original_dst: Some(BoolValue { value: true }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        default_filter_chain: Some(FilterChain {
+            name: unknown.to_string(),
+            filters: vec![network_filter(
+                TCP_PROXY_FILTER,
+                &TcpProxy {
+                    stat_prefix: unknown.to_string(),
+                    cluster_specifier: Some(TcpClusterSpecifier::Cluster(unknown.to_string())),
+                    ..Default::default()
+                },
+            )],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
 
     // Opaque TCP can only be told apart by destination address, so only
     // services with a virtual IP get a listener.

@@ -331,10 +331,29 @@ fn sidecar_listeners_bind_outbound_only_and_grpc_gets_named_api_listeners() {
     let r = translate(&mesh(), &sidecar());
     assert_eq!(
         names(&r, ResourceType::Listener),
-        ["0.0.0.0_80", "0.0.0.0_8080", "0.0.0.0_9090", "outbound"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "0.0.0.0_80",
+            "0.0.0.0_8080",
+            "0.0.0.0_9090",
+            "outbound",
+            "virtualOutbound"
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    );
+    // Destinations outside the mesh pass through unless the mesh says
+    // REGISTRY_ONLY.
+    let tcp_cluster = |mesh: &Mesh| {
+        let r = translate(mesh, &sidecar());
+        let l: Listener = decode(&r, ResourceType::Listener, "virtualOutbound");
+        let chain = l.default_filter_chain.expect("a default chain");
+        chain.name
+    };
+    assert_eq!(tcp_cluster(&mesh()), "PassthroughCluster");
+    assert_eq!(
+        tcp_cluster(&mesh().with_outbound_traffic(crate::model::OutboundTraffic::RegistryOnly)),
+        "BlackHoleCluster"
     );
     let outbound: Listener = decode(&r, ResourceType::Listener, "outbound");
     assert_eq!(outbound.use_original_dst.map(|b| b.value), Some(true));

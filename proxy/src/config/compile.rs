@@ -438,6 +438,9 @@ impl Compiler {
         let mut intercepted = Intercepted::default();
         for listener in self.listeners.values() {
             let spec = &listener.spec;
+            if let Some(block) = spec.block_unknown {
+                intercepted.block_unknown = block;
+            }
             if let (Some(port), Some(name)) = (spec.port_table, &spec.route_config)
                 && let Some(entry) = self.routes.get(name)
             {

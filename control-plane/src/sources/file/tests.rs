@@ -181,7 +181,7 @@ fn unknown_top_level_field() {
     assert_eq!(
         refused("servics: []\n"),
         "mesh.yaml:1:1: servics: unknown field `servics`, expected one of `trust_domain`, \
-         `services`, `workload_tokens`"
+         `services`, `workload_tokens`, `outbound_traffic`"
     );
 }
 
@@ -843,4 +843,19 @@ async fn watch_refuses_a_path_without_a_file_name() {
         .await
         .expect_err("no file name");
     assert!(matches!(err, WatchError::NotAFile { .. }), "{err}");
+}
+
+#[test]
+fn outbound_traffic_is_allow_any_unless_registry_only() {
+    use crate::model::OutboundTraffic;
+    let path = Path::new("mesh.yaml");
+    let mesh = parse(path, "services: []\n").expect("valid");
+    assert_eq!(mesh.outbound_traffic(), OutboundTraffic::AllowAny);
+    let mesh = parse(path, "outbound_traffic: REGISTRY_ONLY\nservices: []\n").expect("valid");
+    assert_eq!(mesh.outbound_traffic(), OutboundTraffic::RegistryOnly);
+    assert_eq!(
+        refused("outbound_traffic: closed\nservices: []\n"),
+        "mesh.yaml:1:19: outbound_traffic: unknown variant `closed`, expected `ALLOW_ANY` or \
+         `REGISTRY_ONLY`"
+    );
 }

@@ -43,7 +43,18 @@ pub(super) struct ListenerSpec {
     /// For `VIP_PORT` with `tcp_proxy`: intercepted connections to this
     /// address go to this cluster as opaque TCP.
     pub(super) tcp_vip: Option<(SocketAddr, String)>,
+    /// For `virtualOutbound`: true when destinations outside the mesh are
+    /// refused (its default chain goes to `BlackHoleCluster`).
+    pub(super) block_unknown: Option<bool>,
 }
+
+/// The listener saying what happens to intercepted connections to
+/// destinations outside the mesh (Istio's name and layout).
+pub(super) const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+/// Its default chain's cluster when they are refused.
+pub(super) const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+/// Its default chain's cluster when they pass through.
+pub(super) const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 
 pub(super) fn compile(listener: &Listener) -> Result<ListenerSpec> {
     if listener.name == INBOUND_LISTENER {
@@ -51,6 +62,9 @@ pub(super) fn compile(listener: &Listener) -> Result<ListenerSpec> {
             inbound_mode: Some(mode),
             ..ListenerSpec::default()
         });
+    }
+    if listener.name == VIRTUAL_OUTBOUND {
+        return virtual_outbound(listener);
     }
     if listener.name != OUTBOUND_LISTENER {
         return intercepted(listener);
@@ -121,6 +135,39 @@ fn intercepted(listener: &Listener) -> Result<ListenerSpec> {
         });
     }
     Ok(ListenerSpec::default())
+}
+
+/// `virtualOutbound`: its default filter chain's `tcp_proxy` names
+/// `PassthroughCluster` or `BlackHoleCluster`.
+fn virtual_outbound(listener: &Listener) -> Result<ListenerSpec> {
+    let field = "default_filter_chain.filters[0].typed_config (tcp_proxy).cluster";
+    let cluster = listener
+        .default_filter_chain
+        .as_ref()
+        .and_then(|chain| chain.filters.first())
+        .and_then(|filter| match &filter.config_type {
+            Some(filter::ConfigType::TypedConfig(any)) => unpack::<TcpProxy>(any).ok(),
+            _ => None,
+        })
+        .and_then(|proxy| match proxy.cluster_specifier {
+            Some(tcp_proxy::ClusterSpecifier::Cluster(name)) => Some(name),
+            _ => None,
+        })
+        .ok_or_else(|| Invalid::new(field, "is missing (a tcp_proxy to a cluster)"))?;
+    let block = match cluster.as_str() {
+        BLACKHOLE_CLUSTER => true,
+        PASSTHROUGH_CLUSTER => false,
+        other => {
+            return Err(Invalid::new(
+                field,
+                format!("{other:?} is not supported (only {PASSTHROUGH_CLUSTER} or {BLACKHOLE_CLUSTER})"),
+            ));
+        }
+    };
+    Ok(ListenerSpec {
+        block_unknown: Some(block),
+        ..ListenerSpec::default()
+    })
 }
 
 /// The RDS name of a listener made of one chain with one HTTP connection
