@@ -41,9 +41,9 @@ use super::Publisher;
 use crate::model::{
     Backend, Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TRUST_DOMAIN, DNS_SUFFIX, Endpoint,
     FieldPath, HeaderMatch, Health, Identity, LoadBalancer, Mesh, ModelError, MtlsMode,
-    OutboundTraffic, PathMatch,
-    PathSegment, Pattern, Protocol, QueryMatch, RetryOn, RetryPolicy, Route, RouteMatch, Secret,
-    Service, ServiceKey, ServicePort, StringMatch, Subset, WorkloadToken,
+    OutboundTraffic, PathMatch, PathSegment, Pattern, Protocol, QueryMatch, RetryOn, RetryPolicy,
+    Route, RouteMatch, Secret, Service, ServiceKey, ServicePort, StringMatch, Subset,
+    WorkloadToken,
 };
 
 #[cfg(test)]
