@@ -160,7 +160,9 @@ fn virtual_outbound(listener: &Listener) -> Result<ListenerSpec> {
         other => {
             return Err(Invalid::new(
                 field,
-                format!("{other:?} is not supported (only {PASSTHROUGH_CLUSTER} or {BLACKHOLE_CLUSTER})"),
+                format!(
+                    "{other:?} is not supported (only {PASSTHROUGH_CLUSTER} or {BLACKHOLE_CLUSTER})"
+                ),
             ));
         }
     };
