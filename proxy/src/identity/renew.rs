@@ -28,6 +28,8 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_JITTER: f64 = 0.1;
 /// Longest single sleep, so wall-clock jumps are noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// The shortest retry delay the time left before expiry can impose.
+const MIN_RETRY_BEFORE_EXPIRY: Duration = Duration::from_secs(1);
 
 /// How the renewal loop behaves.
 #[derive(Debug, Clone)]
@@ -176,6 +178,12 @@ impl Renewer {
                             );
                             tokio::time::sleep(delay).await;
                         } else {
+                            // However long the backoff has grown, retry at
+                            // least four times in the time left, so a short
+                            // certificate is renewed soon after the control
+                            // plane returns (and wake at expiry to say so).
+                            let left = duration_until(expires_at);
+                            let delay = delay.min((left / 4).max(MIN_RETRY_BEFORE_EXPIRY));
                             tracing::warn!(
                                 spiffe_id = %self.config.id,
                                 %expires_at,
@@ -183,8 +191,6 @@ impl Renewer {
                                 retry_in = ?delay,
                                 "cannot renew the workload certificate; keeping the current one"
                             );
-                            // Wake at expiry at the latest, to say so.
-                            let left = duration_until(expires_at);
                             tokio::time::sleep(delay.min(left)).await;
                         }
                     }
