@@ -205,6 +205,11 @@ pub struct Service {
     pub connect_timeout: Duration,
     /// What the service's sidecars accept on their inbound listener.
     pub mtls: MtlsMode,
+    /// How long an intercepting sidecar waits for a client's first bytes
+    /// to tell the protocol of a connection to this service; `None` for
+    /// the proxy's default (500 ms). Ports with `protocol: tcp` are never
+    /// detected (server-speaks-first protocols).
+    pub detect_timeout: Option<Duration>,
     /// Named label selectors over the endpoints, for routing to a version.
     pub subsets: Vec<Subset>,
     /// The instances that serve this service.
@@ -1219,6 +1224,7 @@ pub(crate) mod fixtures {
             load_balancer: LoadBalancer::RoundRobin,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             mtls: MtlsMode::Strict,
+            detect_timeout: None,
             subsets: Vec::new(),
             endpoints: vec![endpoint([127, 0, 0, 1], 9000)],
             routes: Vec::new(),

@@ -156,6 +156,7 @@ mod tests {
         Cluster {
             name: "c".into(),
             connect_timeout: Duration::from_secs(1),
+            detect_timeout: None,
             lb_policy: policy,
             protocol: AppProtocol::Http1,
             total_weight: members.iter().map(|m| u64::from(m.weight)).sum(),

@@ -373,6 +373,9 @@ pub struct Cluster {
     pub name: String,
     /// Time allowed to open a connection.
     pub connect_timeout: Duration,
+    /// How long to wait for an intercepted client's first bytes to detect
+    /// its protocol; `None` for the proxy's default.
+    pub detect_timeout: Option<Duration>,
     /// Balancing algorithm.
     pub lb_policy: LbPolicy,
     /// The protocol the endpoints' applications speak.

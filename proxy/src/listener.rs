@@ -228,8 +228,12 @@ async fn outbound(intercept: &Intercept, io: Counted, addr: SocketAddr) -> Optio
         }
         // A TCP service port: opaque, never worth a wait.
         Destination::Tcp { .. } => Protocol::Opaque,
-        Destination::Http { .. } | Destination::Passthrough => {
-            detect_protocol(intercept, direction, &io.inner, dst.port()).await
+        Destination::Http { cluster, .. } => {
+            let wait = cluster.as_ref().and_then(|c| c.detect_timeout);
+            detect_protocol(intercept, direction, &io.inner, dst.port(), wait).await
+        }
+        Destination::Passthrough => {
+            detect_protocol(intercept, direction, &io.inner, dst.port(), None).await
         }
     };
     count(
@@ -386,7 +390,8 @@ async fn plaintext_inbound(
     let Some(dst) = peer.original_dst else {
         return Some((Either::Left(io), peer));
     };
-    let protocol = detect_protocol(intercept, Direction::Inbound, &io.inner, dst.port()).await;
+    let protocol =
+        detect_protocol(intercept, Direction::Inbound, &io.inner, dst.port(), None).await;
     if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
         return Some((Either::Left(io), peer));
     }
@@ -419,18 +424,21 @@ async fn forward_to_app(
     }
 }
 
-/// Detection, skipped (opaque) on server-first ports; timed and counted.
+/// Detection, skipped (opaque) on server-first ports; waits the service's
+/// `detect_timeout` if it has one, else the default; timed and counted.
 async fn detect_protocol(
     intercept: &Intercept,
     direction: Direction,
     stream: &tokio::net::TcpStream,
     port: u16,
+    wait: Option<Duration>,
 ) -> Protocol {
     if detect::server_speaks_first(port) {
         return Protocol::Opaque;
     }
     let start = std::time::Instant::now();
-    let protocol = detect::detect(stream, intercept.detect_timeout).await;
+    let wait = wait.unwrap_or(intercept.detect_timeout);
+    let protocol = detect::detect(stream, wait).await;
     intercept
         .metrics
         .detection

@@ -80,6 +80,10 @@ pub mod metadata {
     /// endpoints that have a sidecar: proxies reach those over the mesh
     /// protocol; endpoints without it are reached in their own protocol.
     pub const IDENTITY: &str = "identity";
+    /// On a cluster (`Cluster.metadata.filter_metadata`): how long, in
+    /// milliseconds, an intercepting sidecar waits for a client's first
+    /// bytes to detect the protocol of a connection to the service.
+    pub const DETECT_TIMEOUT_MS: &str = "detect_timeout_ms";
 }
 
 /// Packs a message into an `Any` under its canonical type URL.

@@ -511,6 +511,7 @@ struct RawService {
     hostname: Option<String>,
     load_balancer: Option<RawLoadBalancer>,
     connect_timeout: Option<String>,
+    detect_timeout: Option<String>,
     mtls: Option<RawMtlsMode>,
     ports: Vec<RawPort>,
     #[serde(default)]
@@ -866,6 +867,16 @@ impl Convert {
                 Some(RawLoadBalancer::LeastRequest) => LoadBalancer::LeastRequest,
             },
             connect_timeout,
+            detect_timeout: raw.detect_timeout.and_then(|text| {
+                let p = path.key("detect_timeout");
+                match self.duration(&text, &p) {
+                    Some(d) if d.is_zero() => {
+                        self.error(p, "detect_timeout must be above 0 (declare the port `protocol: tcp` to skip detection)");
+                        None
+                    }
+                    other => other,
+                }
+            }),
             mtls: match raw.mtls {
                 None | Some(RawMtlsMode::Strict) => MtlsMode::Strict,
                 Some(RawMtlsMode::Permissive) => MtlsMode::Permissive,

@@ -5,7 +5,6 @@
 //! and, for a sidecar that asks, the STATIC cluster of its local
 //! application.
 
-use remora_xds_proto::pack;
 use remora_xds_proto::pb::envoy::config::cluster::v3::{
     Cluster,
     cluster::{
@@ -14,7 +13,7 @@ use remora_xds_proto::pb::envoy::config::cluster::v3::{
     },
 };
 use remora_xds_proto::pb::envoy::config::core::v3::{
-    Address, Http1ProtocolOptions, Http2ProtocolOptions, SocketAddress, address,
+    Address, Http1ProtocolOptions, Http2ProtocolOptions, Metadata, SocketAddress, address,
     socket_address::PortSpecifier,
 };
 use remora_xds_proto::pb::envoy::config::endpoint::v3::{
@@ -26,6 +25,8 @@ use remora_xds_proto::pb::envoy::extensions::upstreams::http::v3::{
         ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
     },
 };
+use remora_xds_proto::pb::google::protobuf::{Struct, Value, value};
+use remora_xds_proto::{metadata, pack};
 
 use super::listeners::socket_address;
 use super::tls::{
@@ -38,6 +39,28 @@ use crate::model::{DEFAULT_CONNECT_TIMEOUT, LoadBalancer, Mesh, Service, Service
 
 /// The key Envoy reads upstream HTTP protocol options under.
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// `filter_metadata.remora.detect_timeout_ms` (one namespace, one field:
+/// the encoding stays byte-stable for the content hash).
+fn detect_timeout_metadata(timeout: std::time::Duration) -> Metadata {
+    let millis = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    Metadata {
+        filter_metadata: [(
+            metadata::NAMESPACE.to_string(),
+            Struct {
+                fields: [(
+                    metadata::DETECT_TIMEOUT_MS.to_string(),
+                    Value {
+                        kind: Some(value::Kind::NumberValue(f64::from(millis))),
+                    },
+                )]
+                .into(),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    }
+}
 
 pub(super) fn clusters(mesh: &Mesh, view: &View) -> Vec<Cluster> {
     let flavor = view.flavor;
@@ -67,6 +90,9 @@ pub(super) fn clusters(mesh: &Mesh, view: &View) -> Vec<Cluster> {
             if flavor != Flavor::Sidecar {
                 // gRPC clients do not speak SDS: no TLS contexts for them.
                 return cluster;
+            }
+            if let Some(timeout) = service.detect_timeout {
+                cluster.metadata = Some(detect_timeout_metadata(timeout));
             }
             // The protocol options name what the application speaks: the
             // Remora proxy reads them to tell the peer sidecar (which

@@ -606,6 +606,7 @@ fn build_cluster(
         connect_timeout: spec.connect_timeout,
         lb_policy: spec.lb_policy,
         protocol: spec.protocol,
+        detect_timeout: spec.detect_timeout,
         total_weight: members.iter().map(|m| u64::from(m.weight)).sum(),
         members,
         dns,

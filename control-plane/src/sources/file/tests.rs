@@ -859,3 +859,20 @@ fn outbound_traffic_is_allow_any_unless_registry_only() {
          `REGISTRY_ONLY`"
     );
 }
+
+#[test]
+fn detect_timeout_is_a_positive_duration() {
+    let yaml = |t: &str| {
+        format!(
+            "services:\n  - name: web\n    detect_timeout: {t}\n    ports: [{{name: http, port: 80, protocol: http}}]\n    endpoints: [{{address: 10.0.0.1, port: 8080}}]\n"
+        )
+    };
+    let mesh = parse(Path::new("mesh.yaml"), &yaml("250ms")).expect("valid");
+    assert_eq!(
+        mesh.services()[0].detect_timeout,
+        Some(std::time::Duration::from_millis(250))
+    );
+    assert!(
+        refused(&yaml("0s")).contains("services[0].detect_timeout: detect_timeout must be above 0")
+    );
+}

@@ -25,6 +25,7 @@ use remora_xds_proto::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
     http_protocol_options::{UpstreamProtocolOptions, explicit_http_config::ProtocolConfig},
 };
+use remora_xds_proto::pb::google::protobuf::value::Kind;
 use remora_xds_proto::{metadata, unpack};
 
 use super::{Invalid, Result, duration, reject_if};
@@ -49,6 +50,9 @@ pub(super) struct ClusterSpec {
     pub(super) connect_timeout: Duration,
     pub(super) lb_policy: LbPolicy,
     pub(super) protocol: AppProtocol,
+    /// `metadata.filter_metadata.remora.detect_timeout_ms`: the service's
+    /// protocol detection wait for intercepted connections.
+    pub(super) detect_timeout: Option<Duration>,
 }
 
 pub(super) fn compile(c: &Cluster) -> Result<ClusterSpec> {
@@ -173,13 +177,41 @@ pub(super) fn compile(c: &Cluster) -> Result<ClusterSpec> {
         .map(|eds| eds.service_name.clone())
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| c.name.clone());
+    let detect_timeout = detect_timeout(c).map_err(|e| e.within("metadata."))?;
     Ok(ClusterSpec {
         eds_name,
         dns,
         connect_timeout,
         lb_policy,
         protocol,
+        detect_timeout,
     })
+}
+
+/// The service's protocol detection wait, when the control plane sets one.
+fn detect_timeout(c: &Cluster) -> Result<Option<Duration>> {
+    let Some(value) = c
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(metadata::NAMESPACE))
+        .and_then(|s| s.fields.get(metadata::DETECT_TIMEOUT_MS))
+    else {
+        return Ok(None);
+    };
+    let field = format!(
+        "filter_metadata[{:?}].{}",
+        metadata::NAMESPACE,
+        metadata::DETECT_TIMEOUT_MS
+    );
+    match value.kind {
+        Some(Kind::NumberValue(ms)) if (1.0..=3_600_000.0).contains(&ms) => {
+            Ok(Some(Duration::from_millis(ms as u64)))
+        }
+        _ => Err(Invalid::new(
+            field,
+            "must be a number of milliseconds from 1 to 3600000",
+        )),
+    }
 }
 
 /// An EDS cluster's endpoints come over ADS.

@@ -1203,3 +1203,19 @@ fn the_inbound_listener_says_strict_or_permissive_and_tls_clusters_compile() {
     let (compiler, _) = compiled(EXAMPLE);
     assert_eq!(compiler.build(&state()).0.inbound_mode, InboundMode::Strict);
 }
+
+#[test]
+fn a_services_detection_wait_rides_on_its_clusters() {
+    let mesh = EXAMPLE.replacen(
+        "  - name: catalog\n    namespace: shop\n",
+        "  - name: catalog\n    namespace: shop\n    detect_timeout: 250ms\n",
+        1,
+    );
+    let (compiler, _) = compiled(&mesh);
+    let config = compiler.build(&state()).0;
+    assert_eq!(
+        config.clusters[CATALOG_ALL].detect_timeout,
+        Some(std::time::Duration::from_millis(250))
+    );
+    assert_eq!(config.clusters[REVIEWS_ALL].detect_timeout, None);
+}
