@@ -41,6 +41,28 @@ class Echo(BaseHTTPRequestHandler):
 ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Echo).serve_forever()
 "#;
 
+/// The HTTP echo server over TLS: `port name cert.pem key.pem`.
+const HTTPS_ECHO: &str = r#"
+import json, ssl, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+NAME = sys.argv[2]
+class Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = json.dumps({"name": NAME, "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Echo)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[3], sys.argv[4])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
 /// A TCP echo server; and, with `greet`, one that speaks first (a banner,
 /// as SMTP or MySQL servers do), then echoes.
 const TCP_ECHO: &str = r#"
@@ -391,6 +413,23 @@ async fn transparent(dir: &TestDir) -> Result<()> {
             "no",
         ],
     )?;
+    let tls_ca = remora_tests::mtls::TestCa::new_root("outside")?;
+    let tls_cert = shared_file(dir, "outside-cert.pem", tls_ca.cert_pem())?;
+    let tls_key = shared_file(dir, "outside-key.pem", tls_ca.key_pem())?;
+    let _outside_tls = start(
+        dir,
+        &outside,
+        "tls",
+        python(),
+        &[
+            "-c",
+            HTTPS_ECHO,
+            "8443",
+            "outside-tls",
+            &tls_cert.to_string_lossy(),
+            &tls_key.to_string_lossy(),
+        ],
+    )?;
     let _outside_app = start(
         dir,
         &outside,
@@ -403,6 +442,7 @@ async fn transparent(dir: &TestDir) -> Result<()> {
     wait_listening(&db, 25).await?;
     wait_listening(&db, 6379).await?;
     wait_listening(&outside, 7000).await?;
+    wait_listening(&outside, 8443).await?;
     // Direct, before any rule: the baseline connection setup times.
     let direct = banner_ms(&client, &db.ip().to_string())?;
     let redis_direct = redis_ms(&client, &db.ip().to_string())?;
@@ -551,6 +591,14 @@ async fn transparent(dir: &TestDir) -> Result<()> {
             &[("service", "passthrough")],
         )? >= 1.0,
         "no passthrough counted"
+    );
+
+    // TLS from the application passes through untouched; its SNI is counted.
+    let out = curl(&client, &["-k", "https://outside:8443/tls"])?;
+    ensure!(out.contains("outside-tls"), "{out}");
+    ensure!(
+        client_sidecar.metric("remora_proxy_tls_passthrough_total", &[("sni", "outside")])? >= 1.0,
+        "the SNI of the passed-through TLS was not counted"
     );
 
     // With the mesh closed to unknown destinations: refused and counted.
