@@ -11,7 +11,7 @@ stdin.
            the virtual host `svc-a` (domains svc-a, svc-a:80) to cluster
            `svc-a`, cluster `svc-a` (EDS) with one endpoint, --app-a.
   stage 2  CDS: `svc-a`, a new valid cluster `svc-b` (endpoint --app-b),
-           and `svc-bad`, of type STRICT_DNS, which remora-proxy does not
+           and `svc-bad`, of type ORIGINAL_DST, which remora-proxy does not
            support. RDS: a virtual host `svc-b` to cluster `svc-b` is added.
            The proxy must NACK the CDS response naming `svc-bad` and its
            `type`, and still apply `svc-b`.
@@ -98,8 +98,8 @@ def eds_cluster(name):
     return c
 
 
-def dns_cluster(name):
-    c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.STRICT_DNS)
+def original_dst_cluster(name):
+    c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.ORIGINAL_DST)
     c.connect_timeout.CopyFrom(duration_pb2.Duration(seconds=1))
     return c
 
@@ -154,7 +154,7 @@ def resources(stage, app_a, app_b):
     endpoints = [assignment("svc-a", app_a)]
     hosts = [virtual_host("svc-a", "svc-a")]
     if stage >= 2:
-        clusters += [eds_cluster("svc-b"), dns_cluster("svc-bad")]
+        clusters += [eds_cluster("svc-b"), original_dst_cluster("svc-bad")]
         endpoints += [assignment("svc-b", app_b)]
         hosts += [virtual_host("svc-b", "svc-b")]
     if stage >= 3:

@@ -3,7 +3,7 @@
 //! proxy is served by a scripted ADS server (`tests/peers/ads_server.py`):
 //!
 //! 1. a valid configuration: `svc-a` routes to application A;
-//! 2. a CDS response with a new valid cluster `svc-b` and a STRICT_DNS
+//! 2. a CDS response with a new valid cluster `svc-b` and an ORIGINAL_DST
 //!    cluster `svc-bad`, plus a route to `svc-b`: the proxy NACKs the CDS
 //!    response with an `error_detail` naming `svc-bad` and its `type`,
 //!    applies `svc-b` all the same (its route starts working), and keeps
@@ -104,9 +104,9 @@ async fn nack(dir: &TestDir) -> Result<()> {
         nack["error_detail"]["code"] == 3
             && message.contains("svc-bad")
             && message.contains("type")
-            && message.contains("STRICT_DNS")
+            && message.contains("ORIGINAL_DST")
             && !message.contains("svc-b\""),
-        "the NACK's error_detail should name svc-bad, its `type` and STRICT_DNS (and only it): \
+        "the NACK's error_detail should name svc-bad, its `type` and ORIGINAL_DST (and only it): \
          {nack}"
     );
     let events = ads.events();
