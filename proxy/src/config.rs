@@ -15,7 +15,7 @@
 
 pub mod compile;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -64,6 +64,9 @@ pub struct Intercepted {
     /// Virtual IPs and ports of TCP services, and their clusters.
     #[serde(serialize_with = "serialize_vip_clusters")]
     pub tcp_vips: HashMap<SocketAddr, Arc<Cluster>>,
+    /// The names of those clusters: an endpoint of one gets opaque TCP.
+    #[serde(skip)]
+    pub tcp_clusters: HashSet<String>,
     /// Known endpoint addresses (pod IP and port) and a cluster holding
     /// each; the subset-less cluster when there is one.
     #[serde(skip)]

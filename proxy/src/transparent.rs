@@ -98,10 +98,7 @@ pub fn destination(config: &Config, dst: SocketAddr, own_ports: &[u16]) -> Desti
     let http_port = intercepted.ports.contains_key(&dst.port());
     if let Some((cluster, endpoint)) = intercepted.endpoints.get(&dst) {
         let service = service_of(&cluster.name);
-        let is_tcp = intercepted
-            .tcp_vips
-            .values()
-            .any(|c| Arc::ptr_eq(c, cluster) || c.name == cluster.name);
+        let is_tcp = intercepted.tcp_clusters.contains(&cluster.name);
         return if http_port && !is_tcp {
             Destination::Http {
                 port: dst.port(),

@@ -458,6 +458,7 @@ impl Compiler {
                 && let Some(cluster) = clusters.get(cluster)
             {
                 intercepted.tcp_vips.insert(*addr, Arc::clone(cluster));
+                intercepted.tcp_clusters.insert(cluster.name.clone());
             }
         }
         // Subset-less clusters (`outbound|PORT||FQDN`) first, so an endpoint
