@@ -279,21 +279,22 @@ async fn outbound(intercept: &Intercept, io: Counted, addr: SocketAddr) -> Optio
     let timeout = cluster
         .as_deref()
         .map_or(PASSTHROUGH_CONNECT_TIMEOUT, |c| c.connect_timeout);
-    let (target, security) = match (&endpoint, &intercept.tls) {
-        (Some(e), Some(tls)) if e.server_name.is_some() => (
-            e.key.proxy.unwrap_or(e.key.app),
-            Some((tls.as_ref(), e.server_name.as_ref())),
-        ),
-        (Some(e), _) => (e.key.app, None),
+    // To the endpoint's sidecar over mTLS when it has one (and we have an
+    // identity), else in plaintext to the endpoint or the destination.
+    let (target, security) = match (&endpoint, intercept.tls.as_deref()) {
+        (Some(e), Some(tls)) => match &e.server_name {
+            Some(server_name) => (
+                e.key.proxy.unwrap_or(e.key.app),
+                Security::Mtls { tls, server_name },
+            ),
+            None => (e.key.app, Security::Plaintext),
+        },
+        (Some(e), None) => (e.key.app, Security::Plaintext),
         (None, _) if cluster.is_some() => {
             tracing::debug!(%dst, service, "no endpoint for intercepted TCP");
             return None;
         }
-        (None, _) => (dst, None),
-    };
-    let security = match security {
-        Some((tls, Some(server_name))) => Security::Mtls { tls, server_name },
-        _ => Security::Plaintext,
+        (None, _) => (dst, Security::Plaintext),
     };
     match tcp::connect(target, security, timeout).await {
         Ok(upstream) => {
