@@ -189,6 +189,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     sets = list(results["sets"].items())
     if not sets:
@@ -209,7 +210,10 @@ def plot(results: dict, path: Path) -> None:
                 pts.sort()
                 if pts:
                     ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", color=colors[p], label=p)
+            ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.set_xlabel("request rate (req/s, achieved)")
             ax.set_ylabel(f"{pname} latency (ms)")
             ax.set_title(f"{pname}, set '{name}'")

@@ -78,6 +78,8 @@ pub enum Event {
         at: Instant,
         /// The ACKed versions.
         versions: [String; 4],
+        /// The size of the last response of each type, bytes.
+        sizes: [usize; 4],
     },
     /// A later ACK.
     Acked {
@@ -376,6 +378,7 @@ async fn stream(
         .into_inner();
 
     let mut types: [TypeState; 4] = Default::default();
+    let mut sizes = [0; 4];
     let mut synced = false;
     while let Some(RawResponse(bytes)) = responses.message().await? {
         let header = ResponseHeader::decode(bytes.clone())
@@ -401,6 +404,7 @@ async fn stream(
         } else {
             types[ty as usize].pending = false;
         }
+        sizes[ty as usize] = bytes.len();
         let state = &mut types[ty as usize];
         state.version = header.version_info;
         state.nonce = header.nonce;
@@ -421,6 +425,7 @@ async fn stream(
                 client,
                 at,
                 versions: types.each_ref().map(|t| t.version.clone()),
+                sizes,
             });
         }
     }

@@ -70,6 +70,10 @@ struct Args {
     /// Seconds to let the control plane settle before measuring it idle.
     #[arg(long, default_value_t = 2)]
     idle: u64,
+    /// Stop a round (and kill the control plane) when its RSS passes this
+    /// many MiB: the machine is shared.
+    #[arg(long, default_value_t = 6144)]
+    max_rss_mib: u64,
     /// Keep the work directory (mesh files, control-plane logs).
     #[arg(long)]
     keep: bool,
@@ -353,13 +357,40 @@ async fn round(
     let mut initial: HashMap<usize, [String; 4]> = HashMap::with_capacity(n);
     let mut failed = 0;
     let mut last_sync = started;
+    let mut watch = tokio::time::interval(Duration::from_millis(200));
     while initial.len() + failed < n {
-        match tokio::time::timeout_at((started + timeout).into(), events.recv()).await {
+        let event = tokio::select! {
+            e = tokio::time::timeout_at((started + timeout).into(), events.recv()) => e,
+            _ = watch.tick() => {
+                let rss = procfs::usage(pid, clk)?.rss;
+                if rss > args.max_rss_mib << 20 {
+                    bail!(
+                        "stopped: control plane RSS {} passed --max-rss-mib with {} of {n} clients synced after {:.1} s",
+                        mib(rss),
+                        initial.len(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                continue;
+            }
+        };
+        match event {
             Ok(Some(Event::Synced {
                 client,
                 at,
                 versions,
+                sizes,
             })) => {
+                if initial.is_empty() {
+                    eprintln!(
+                        "N = {n}: a client's initial config: {}",
+                        Type::ALL
+                            .iter()
+                            .map(|t| format!("{} {}", t.short(), mib(sizes[*t as usize] as u64)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
                 last_sync = last_sync.max(at);
                 initial.insert(client, versions);
             }
