@@ -64,8 +64,10 @@ pub struct Bootstrap {
     /// Admin listener (/metrics, /ready, /live, /config_dump, /logging).
     #[arg(long, env = "REMORA_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     pub admin_addr: SocketAddr,
-    /// The local application's address, where inbound requests go. Without
-    /// it the inbound listener is not started (a client-only workload).
+    /// The local application's address, where inbound requests go in
+    /// explicit mode. Intercepted inbound connections go to their original
+    /// destination instead, so a pod needs no flag; without either, inbound
+    /// requests are refused (a client-only workload).
     #[arg(long, env = "REMORA_APP_ADDR")]
     pub app_addr: Option<SocketAddr>,
     /// What the application speaks when a peer does not say.

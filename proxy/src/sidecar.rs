@@ -254,8 +254,23 @@ fn identity_settings(
     Ok(Some((bundle, client, RenewConfig::new(id, token))))
 }
 
+/// Pending connections each listener queues: bursts of new connections
+/// (one per request from some clients) must not be refused by the kernel
+/// while a worker is busy. Capped by `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .with_context(|| format!("cannot create a socket for {addr} ({flag})"))?;
+    // As std's bind does: a restarted proxy can listen again at once.
+    socket
+        .set_reuseaddr(true)
+        .with_context(|| format!("cannot set SO_REUSEADDR for {addr} ({flag})"))?;
+    socket
+        .bind(addr)
+        .and_then(|()| socket.listen(LISTEN_BACKLOG))
         .with_context(|| format!("cannot listen on {addr} ({flag}): is another process using it?"))
 }
