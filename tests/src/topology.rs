@@ -120,76 +120,7 @@ impl Topology {
     /// apps of a service replace every endpoint the mesh had) and waits
     /// until the client sidecar routes to all of them.
     pub async fn start(dir: &TestDir, mesh: MeshFile, apps: Vec<App>) -> Result<Topology> {
-        let mesh_path = dir.file("mesh.yaml");
-        let mut mesh = mesh;
-        let mut tokens = Vec::with_capacity(apps.len());
-        for app in &apps {
-            let (_, namespace) = app.service_parts();
-            tokens.push(mesh.token_for(namespace, &app.service_account)?);
-        }
-        let client_token = mesh.token_for("test", "client")?;
-        let mut initial = mesh.clone();
-        for app in &apps {
-            initial
-                .service_mut(&app.service)?
-                .insert("endpoints".into(), Value::Sequence(Vec::new()));
-        }
-        initial.write(&mesh_path)?;
-        let control_plane = ControlPlane::start(dir, &mesh_path).await?;
-        let link = control_plane.link(dir).await?;
-
-        let mut running = Vec::with_capacity(apps.len());
-        for (app, token) in apps.into_iter().zip(tokens) {
-            let proxy = if app.sidecar {
-                let (service, namespace) = app.service_parts();
-                let mut config = ProxyConfig::sidecar(service, namespace, app.addr, app.protocol)
-                    .node_id(&app.name)
-                    .service_account(&app.service_account)
-                    .token(&token);
-                if !app.protocol_flag {
-                    config = config.default_app_protocol();
-                }
-                Some(Proxy::start(dir, &link, &config).await?)
-            } else {
-                None
-            };
-            running.push((app, proxy));
-        }
-        let client = Proxy::start(
-            dir,
-            &link,
-            &ProxyConfig::client("client", "test")
-                .node_id("client")
-                .token(&client_token),
-        )
-        .await?;
-
-        let mut topology = Topology {
-            control_plane,
-            mesh,
-            mesh_path,
-            client,
-            apps: running,
-        };
-        let services: BTreeSet<String> = topology
-            .apps
-            .iter()
-            .map(|(a, _)| a.service.clone())
-            .collect();
-        for service in &services {
-            let names: Vec<String> = topology
-                .apps
-                .iter()
-                .filter(|(a, _)| &a.service == service)
-                .map(|(a, _)| a.name.clone())
-                .collect();
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            topology.set_endpoints(service, &names)?;
-        }
-        topology.write_mesh()?;
-        topology.client.wait_ready(CONVERGE_TIMEOUT).await?;
-        topology.wait_converged(CONVERGE_TIMEOUT).await?;
-        Ok(topology)
+        Topology::start_with_control_plane_args(dir, mesh, apps, &[]).await
     }
 
     /// The client sidecar: tests send their requests to its outbound
@@ -391,11 +322,6 @@ impl Topology {
     /// line (e.g. `--leaf-ttl 20` for certificates that rotate within a
     /// test). The CA stays in `dir`'s `control-plane-ca` unless `args` name
     /// another (`--ca-dir`, `--ca-cert`).
-    //
-    // The body is `Topology::start`'s with `ControlPlane::start_with`
-    // instead of `ControlPlane::start`, copied rather than shared so that
-    // `start` stays as it was while others edit it; `start` can become
-    // `start_with_control_plane_args(dir, mesh, apps, &[])`.
     pub async fn start_with_control_plane_args(
         dir: &TestDir,
         mesh: MeshFile,
