@@ -245,9 +245,7 @@ async fn outbound(intercept: &Intercept, io: Counted, addr: SocketAddr) -> Optio
     if let Protocol::Tls { sni } = &protocol {
         intercept
             .metrics
-            .tls_passthrough
-            .with_label_values(&[sni.as_deref().unwrap_or("")])
-            .inc();
+            .count_tls_passthrough(sni.as_deref().unwrap_or(""));
     }
     let (cluster, endpoint) = match destination {
         Destination::Http { .. } if matches!(protocol, Protocol::Http1 | Protocol::Http2) => {

@@ -36,6 +36,9 @@ impl Direction {
     }
 }
 
+/// Distinct server names `remora_proxy_tls_passthrough_total` labels.
+pub const MAX_SNI_SERIES: usize = 256;
+
 /// Latency buckets in seconds, fine enough below a millisecond.
 const DURATION_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -90,7 +93,10 @@ pub struct Metrics {
     /// destination, `received` from it).
     pub tcp_service_bytes: IntCounterVec,
     /// TLS from applications passed through, by server name (SNI).
-    pub tls_passthrough: IntCounterVec,
+    tls_passthrough: IntCounterVec,
+    /// Server names already given a `tls_passthrough` series: bounded, so
+    /// whatever names applications use, the series stay few.
+    sni_seen: std::sync::Mutex<std::collections::HashSet<String>>,
     /// mTLS handshakes failed (and plaintext refused), by direction and reason.
     pub tls_handshake_failures: IntCounterVec,
 }
@@ -246,6 +252,7 @@ impl Metrics {
                  received from it)",
                 &["direction", "service", "way"],
             ),
+            sni_seen: std::sync::Mutex::default(),
             tls_passthrough: counter(
                 "remora_proxy_tls_passthrough_total",
                 "TLS connections from applications passed through untouched, by server name",
@@ -264,6 +271,24 @@ impl Metrics {
             ),
             registry,
         }
+    }
+
+    /// Counts a TLS connection passed through for server name `sni`
+    /// (empty without SNI). After [`MAX_SNI_SERIES`] distinct names, new
+    /// ones are counted as `other`.
+    pub fn count_tls_passthrough(&self, sni: &str) {
+        let label = {
+            let mut seen = self
+                .sni_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.contains(sni) || seen.len() < MAX_SNI_SERIES && seen.insert(sni.to_owned()) {
+                sni
+            } else {
+                "other"
+            }
+        };
+        self.tls_passthrough.with_label_values(&[label]).inc();
     }
 
     /// Handles for one route, resolved once per compiled config.
@@ -432,5 +457,38 @@ impl Default for RouteMetrics {
     /// Handles registered nowhere, for tests of other modules.
     fn default() -> Self {
         Metrics::new().route(Direction::Outbound, "", "")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_of_passed_through_tls_are_bounded() {
+        let metrics = Metrics::new();
+        for i in 0..MAX_SNI_SERIES + 50 {
+            metrics.count_tls_passthrough(&format!("host-{i}.example.test"));
+        }
+        metrics.count_tls_passthrough("host-0.example.test");
+        let families = metrics.registry().gather();
+        let family = families
+            .iter()
+            .find(|f| f.name() == "remora_proxy_tls_passthrough_total")
+            .expect("the family");
+        assert_eq!(
+            family.get_metric().len(),
+            MAX_SNI_SERIES + 1,
+            "the names and `other`"
+        );
+        let count = |label: &str| {
+            family
+                .get_metric()
+                .iter()
+                .find(|m| m.get_label()[0].value() == label)
+                .map(|m| m.get_counter().get_value())
+        };
+        assert_eq!(count("other"), Some(50.0));
+        assert_eq!(count("host-0.example.test"), Some(2.0));
     }
 }
