@@ -9,6 +9,7 @@
 //! watched.
 
 pub mod admin;
+mod backoff;
 pub mod balance;
 pub mod bootstrap;
 pub mod config;

@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::backoff::Backoff;
 use crate::config::compile::{ROOTCA, ResourceKind};
 use crate::config::{ConfigStore, State};
 use crate::tls::{Alpn, TlsContext};
@@ -368,46 +369,6 @@ impl XdsStatus {
     }
 }
 
-// === Backoff ===
-
-/// Capped exponential backoff with jitter: each delay is drawn between half
-/// and all of `initial * 2^attempt`, capped at `max`.
-#[derive(Debug)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    attempt: u32,
-    rng: fastrand::Rng,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration, rng: fastrand::Rng) -> Backoff {
-        Backoff {
-            initial,
-            max,
-            attempt: 0,
-            rng,
-        }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .initial
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = ceiling / 2;
-        let jitter = self
-            .rng
-            .u64(0..=u64::try_from(half.as_micros()).unwrap_or(u64::MAX));
-        half + Duration::from_micros(jitter)
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
 // === Helpers ===
 
 fn unix_now() -> u64 {
@@ -444,23 +405,6 @@ fn with_sources(mut text: String, mut source: Option<&dyn std::error::Error>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_up_to_the_cap_and_resets() {
-        let mut b = Backoff::new(
-            Duration::from_millis(100),
-            Duration::from_secs(5),
-            fastrand::Rng::with_seed(7),
-        );
-        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
-        for (i, d) in delays.iter().enumerate() {
-            let ceiling = (Duration::from_millis(100) * (1 << i)).min(Duration::from_secs(5));
-            assert!(*d >= ceiling / 2 && *d <= ceiling, "attempt {i}: {d:?}");
-        }
-        assert!(delays[9] >= Duration::from_millis(2500), "capped near 5 s");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
 
     #[test]
     fn status_snapshot_serializes() {

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::client::{CertificateClient, ClientError, TokenSource};
 use super::{Credentials, SpiffeId, WorkloadKey};
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::tls::CredentialResolver;
 
@@ -94,7 +95,11 @@ pub struct Renewer {
 impl Renewer {
     /// A renewer asking `client` for `config.id`.
     pub fn new(client: CertificateClient, config: RenewConfig, metrics: Arc<Metrics>) -> Self {
-        let backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+        let backoff = Backoff::new(
+            config.backoff_initial,
+            config.backoff_max,
+            fastrand::Rng::new(),
+        );
         Self {
             client,
             config,
@@ -120,7 +125,7 @@ impl Renewer {
                 }
                 Err(error) => {
                     failures += 1;
-                    let delay = self.backoff.next_delay(&mut self.rng);
+                    let delay = self.backoff.next_delay();
                     if failures == 1 || failures.is_multiple_of(12) {
                         tracing::warn!(
                             spiffe_id = %self.config.id,
@@ -164,7 +169,7 @@ impl Renewer {
                         break;
                     }
                     Err(error) => {
-                        let delay = self.backoff.next_delay(&mut self.rng);
+                        let delay = self.backoff.next_delay();
                         let now = OffsetDateTime::now_utc();
                         let expires_at = current.expires_at();
                         if now >= expires_at {
@@ -260,59 +265,4 @@ async fn sleep_until(at: OffsetDateTime) {
 
 fn duration_until(at: OffsetDateTime) -> Duration {
     Duration::try_from(at - OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO)
-}
-
-/// Capped exponential backoff with jitter: the delay is uniform in
-/// `[ceiling / 2, ceiling]`.
-#[derive(Debug)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max: max.max(initial),
-            attempt: 0,
-        }
-    }
-
-    fn next_delay(&mut self, rng: &mut fastrand::Rng) -> Duration {
-        let ceiling = self
-            .initial
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = ceiling / 2;
-        let jitter = rng.u64(0..=u64::try_from(half.as_micros()).unwrap_or(u64::MAX));
-        half + Duration::from_micros(jitter)
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_up_to_the_cap_and_resets() {
-        let mut rng = fastrand::Rng::with_seed(7);
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-        let first = backoff.next_delay(&mut rng);
-        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
-        for _ in 0..20 {
-            let d = backoff.next_delay(&mut rng);
-            assert!(d <= Duration::from_secs(30), "{d:?}");
-        }
-        let capped = backoff.next_delay(&mut rng);
-        assert!(capped >= Duration::from_secs(15), "{capped:?}");
-        backoff.reset();
-        assert!(backoff.next_delay(&mut rng) <= Duration::from_millis(200));
-    }
 }
