@@ -20,6 +20,9 @@ pub mod tls;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+
+use bytes::{Bytes, BytesMut};
 
 use remora_xds_proto::pb::envoy::config::core::v3::{
     AggregatedConfigSource, ApiVersion, ConfigSource, Node, config_source::ConfigSourceSpecifier,
@@ -293,34 +296,217 @@ pub struct Resource {
     pub version: String,
     /// The packed message.
     pub any: Any,
+    /// The resource as a state-of-the-world response carries it (field 2,
+    /// `resources`: tag, length, packed message), encoded once and shared
+    /// by every response that sends it.
+    pub encoded: Bytes,
 }
 
-/// All resources of one type in a view.
+/// A field number of `DiscoveryResponse`: `repeated Any resources = 2`.
+const RESPONSE_RESOURCES_FIELD: u32 = 2;
+
+/// Resources of one type that many views share, with their encoding in a
+/// response computed on first use.
+#[derive(Debug, Default)]
+pub struct ResourceSet {
+    version: String,
+    resources: BTreeMap<String, Resource>,
+    encoded: OnceLock<Bytes>,
+    /// The last [`ResourceSet::changed_since`] answer: every stream that
+    /// held the same older set asks the same question after a change.
+    changed: Mutex<Option<ChangedSince>>,
+}
+
+/// An older set, and the names that differ from it.
+type ChangedSince = (Weak<ResourceSet>, Arc<[String]>);
+
+impl PartialEq for ResourceSet {
+    fn eq(&self, other: &ResourceSet) -> bool {
+        self.resources == other.resources
+    }
+}
+
+impl ResourceSet {
+    /// A set of `resources`, versioned by their names and versions.
+    pub fn new(resources: Vec<Resource>) -> ResourceSet {
+        let resources: BTreeMap<String, Resource> =
+            resources.into_iter().map(|r| (r.name.clone(), r)).collect();
+        let mut hasher = Xxh3::new();
+        hash_resources(&mut hasher, resources.values());
+        ResourceSet {
+            version: format!("{:016x}", hasher.digest()),
+            resources,
+            encoded: OnceLock::new(),
+            changed: Mutex::new(None),
+        }
+    }
+
+    /// Every resource.
+    pub fn iter(&self) -> impl Iterator<Item = &Resource> {
+        self.resources.values()
+    }
+
+    /// The names of the resources that are new or different from those in
+    /// `old`, computed once per `old`.
+    pub fn changed_since(&self, old: &Arc<ResourceSet>) -> Arc<[String]> {
+        let mut cache = self.changed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((seen, names)) = cache.as_ref()
+            && Weak::ptr_eq(seen, &Arc::downgrade(old))
+        {
+            return names.clone();
+        }
+        let names: Arc<[String]> = self
+            .resources
+            .values()
+            .filter(|r| old.get(&r.name).is_none_or(|o| o.version != r.version))
+            .map(|r| r.name.clone())
+            .collect();
+        *cache = Some((Arc::downgrade(old), names.clone()));
+        names
+    }
+
+    /// How many resources.
+    pub fn len(&self) -> usize {
+        self.resources.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.resources.is_empty()
+    }
+
+    /// The resource `name`.
+    pub fn get(&self, name: &str) -> Option<&Resource> {
+        self.resources.get(name)
+    }
+
+    /// Every resource as a response carries them, one buffer for every
+    /// client: the concatenation of their [`Resource::encoded`].
+    pub fn encoded(&self) -> Bytes {
+        self.encoded
+            .get_or_init(|| {
+                let len = self.resources.values().map(|r| r.encoded.len()).sum();
+                let mut buf = BytesMut::with_capacity(len);
+                for r in self.resources.values() {
+                    buf.extend_from_slice(&r.encoded);
+                }
+                buf.freeze()
+            })
+            .clone()
+    }
+}
+
+fn hash_resources<'a>(hasher: &mut Xxh3, resources: impl Iterator<Item = &'a Resource>) {
+    for r in resources {
+        hasher.update(r.name.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(r.version.as_bytes());
+        hasher.update(&[0]);
+    }
+}
+
+/// All resources of one type in a view: a [`ResourceSet`] shared with
+/// other views, plus the view's own resources (names never in both).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TypeResources {
     /// Hash over every resource name and version: the state-of-the-world
     /// version of this type.
     pub version: String,
-    /// Resources by name.
-    pub resources: BTreeMap<String, Resource>,
+    shared: Arc<ResourceSet>,
+    own: BTreeMap<String, Resource>,
 }
 
 impl TypeResources {
-    /// Resources of one type, with the type's version computed from them.
+    /// Resources of one type, none shared.
     pub fn new(resources: Vec<Resource>) -> TypeResources {
-        let resources: BTreeMap<String, Resource> =
-            resources.into_iter().map(|r| (r.name.clone(), r)).collect();
-        let mut hasher = Xxh3::new();
-        for r in resources.values() {
-            hasher.update(r.name.as_bytes());
+        TypeResources::layered(Arc::default(), resources)
+    }
+
+    /// The resources of `shared` plus `own`.
+    pub fn layered(shared: Arc<ResourceSet>, own: Vec<Resource>) -> TypeResources {
+        let own: BTreeMap<String, Resource> = own
+            .into_iter()
+            .filter(|r| {
+                debug_assert!(shared.get(&r.name).is_none(), "{} is shared", r.name);
+                shared.get(&r.name).is_none()
+            })
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        let version = if own.is_empty() {
+            shared.version.clone()
+        } else {
+            let mut hasher = Xxh3::new();
+            hasher.update(shared.version.as_bytes());
             hasher.update(&[0]);
-            hasher.update(r.version.as_bytes());
-            hasher.update(&[0]);
-        }
+            hash_resources(&mut hasher, own.values());
+            format!("{:016x}", hasher.digest())
+        };
         TypeResources {
-            version: format!("{:016x}", hasher.digest()),
-            resources,
+            version,
+            shared,
+            own,
         }
+    }
+
+    /// The resource `name`.
+    pub fn get(&self, name: &str) -> Option<&Resource> {
+        self.own.get(name).or_else(|| self.shared.get(name))
+    }
+
+    /// True when `name` is one of them.
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Every resource: the shared ones, then the view's own.
+    pub fn iter(&self) -> impl Iterator<Item = &Resource> {
+        self.shared.resources.values().chain(self.own.values())
+    }
+
+    /// Every resource name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.iter().map(|r| r.name.as_str())
+    }
+
+    /// How many resources.
+    pub fn len(&self) -> usize {
+        self.shared.len() + self.own.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The part shared with other views.
+    pub fn shared(&self) -> &ResourceSet {
+        &self.shared
+    }
+
+    /// The view's own resources.
+    pub fn own(&self) -> impl Iterator<Item = &Resource> {
+        self.own.values()
+    }
+
+    /// The resources that are new or different from those in `old`.
+    pub fn changed_since<'a>(
+        &'a self,
+        old: &'a TypeResources,
+    ) -> impl Iterator<Item = &'a Resource> {
+        let shared = if Arc::ptr_eq(&self.shared, &old.shared) {
+            None
+        } else {
+            Some(self.shared.changed_since(&old.shared))
+        };
+        let shared = shared
+            .into_iter()
+            .flat_map(|names| (0..names.len()).map(move |i| names[i].clone()))
+            .filter_map(|name| self.shared.get(&name));
+        let own = self
+            .own
+            .values()
+            .filter(|r| old.get(&r.name).is_none_or(|o| o.version != r.version));
+        shared.chain(own)
     }
 }
 
@@ -348,12 +534,33 @@ pub fn resource<M: prost::Message + prost::Name>(name: String, message: &M) -> R
     // encoding order would vary, unless built to iterate in a fixed order
     // (`tls::endpoint_filter_metadata`).
     let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&any.value));
-    Resource { name, version, any }
+    let mut encoded = BytesMut::with_capacity(prost::encoding::message::encoded_len(
+        RESPONSE_RESOURCES_FIELD,
+        &any,
+    ));
+    prost::encoding::message::encode(RESPONSE_RESOURCES_FIELD, &any, &mut encoded);
+    Resource {
+        name,
+        version,
+        any,
+        encoded: encoded.freeze(),
+    }
 }
 
-/// Translates the mesh for one view.
-pub fn translate(mesh: &Mesh, view: &View) -> Resources {
-    let clusters = clusters::clusters(mesh, view)
+/// The part of a translation that every view of one flavor shares: all of
+/// it but the listeners bound where a node asks and the cluster of its
+/// local application. Translated once per mesh change and flavor, however
+/// many views there are.
+#[derive(Debug)]
+pub struct Shared {
+    flavor: Flavor,
+    by_type: [Arc<ResourceSet>; 5],
+}
+
+/// Translates what every view of `flavor` shares.
+pub fn translate_shared(mesh: &Mesh, flavor: Flavor) -> Shared {
+    let set = |resources: Vec<Resource>| Arc::new(ResourceSet::new(resources));
+    let clusters = clusters::clusters(mesh, flavor)
         .into_iter()
         .map(|c| resource(c.name.clone(), &c))
         .collect();
@@ -361,23 +568,54 @@ pub fn translate(mesh: &Mesh, view: &View) -> Resources {
         .into_iter()
         .map(|c| resource(c.cluster_name.clone(), &c))
         .collect();
-    let listeners = listeners::listeners(mesh, view)
+    let listeners = listeners::shared_listeners(mesh, flavor)
         .into_iter()
         .map(|l| resource(l.name.clone(), &l))
         .collect();
-    let routes = routes::route_configurations(mesh, view.flavor)
+    let routes = routes::route_configurations(mesh, flavor)
         .into_iter()
         .map(|r| resource(r.name.clone(), &r))
         .collect();
+    Shared {
+        flavor,
+        by_type: [
+            Arc::default(),
+            set(clusters),
+            set(endpoints),
+            set(listeners),
+            set(routes),
+        ],
+    }
+}
+
+/// Translates `view` on top of what its flavor shares.
+pub fn translate_view(mesh: &Mesh, shared: &Shared, view: &View) -> Resources {
+    debug_assert_eq!(shared.flavor, view.flavor);
+    let clusters = clusters::view_clusters(view)
+        .into_iter()
+        .map(|c| resource(c.name.clone(), &c))
+        .collect();
+    let listeners = listeners::view_listeners(mesh, view)
+        .into_iter()
+        .map(|l| resource(l.name.clone(), &l))
+        .collect();
+    let layer = |ty: ResourceType, own: Vec<Resource>| {
+        TypeResources::layered(shared.by_type[ty as usize].clone(), own)
+    };
     Resources {
         by_type: [
             TypeResources::default(),
-            TypeResources::new(clusters),
-            TypeResources::new(endpoints),
-            TypeResources::new(listeners),
-            TypeResources::new(routes),
+            layer(ResourceType::Cluster, clusters),
+            layer(ResourceType::Endpoint, Vec::new()),
+            layer(ResourceType::Listener, listeners),
+            layer(ResourceType::Route, Vec::new()),
         ],
     }
+}
+
+/// Translates the mesh for one view.
+pub fn translate(mesh: &Mesh, view: &View) -> Resources {
+    translate_view(mesh, &translate_shared(mesh, view.flavor), view)
 }
 
 // === Shared naming and helpers ===

@@ -7,6 +7,8 @@
 //! tested without sockets.
 
 pub mod delta;
+pub mod grpc;
+pub mod names;
 pub mod secrets;
 pub mod snapshot;
 pub mod sotw;
@@ -20,9 +22,7 @@ use std::time::Instant;
 use remora_xds_proto::pb::envoy::config::core::v3::Node;
 use remora_xds_proto::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    aggregated_discovery_service_server::{
-        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-    },
+    aggregated_discovery_service_server::AggregatedDiscoveryService,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -218,11 +218,11 @@ impl AdsServer {
     }
 
     /// Which transport a stream uses, or why it is refused.
-    fn transport<T>(&self, request: &Request<T>) -> Result<Transport, Status> {
+    fn transport(&self, extensions: &http::Extensions) -> Result<Transport, Status> {
         if !self.require_client_certificate {
             return Ok(Transport::Plaintext);
         }
-        let peer = request.extensions().get::<TlsPeer>();
+        let peer = extensions.get::<TlsPeer>();
         match peer.and_then(|p| p.spiffe_id.clone()) {
             Some(spiffe_id) => Ok(Transport::Tls { spiffe_id }),
             None => {
@@ -235,9 +235,9 @@ impl AdsServer {
         }
     }
 
-    /// The tonic service wrapping this server.
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
-        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(16 << 20)
+    /// The gRPC service serving this server's streams.
+    pub fn into_service(self) -> grpc::AdsService {
+        grpc::AdsService::new(self)
     }
 
     fn core(&self, transport: Transport) -> StreamCore {
@@ -260,22 +260,21 @@ impl AggregatedDiscoveryService for AdsServer {
     type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
     type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
 
+    /// Never called: [`grpc::AdsService`] serves this method itself.
     async fn stream_aggregated_resources(
         &self,
-        request: Request<Streaming<DiscoveryRequest>>,
+        _request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let core = self.core(self.transport(&request)?);
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let cx = self.stream_context();
-        tokio::spawn(cx.run(request.into_inner(), tx, sotw::SotwStream::new(core)));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Err(Status::internal(
+            "state-of-the-world ADS is served by grpc::AdsService",
+        ))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let core = self.core(self.transport(&request)?);
+        let core = self.core(self.transport(request.extensions())?);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let cx = self.stream_context();
         tokio::spawn(cx.run(request.into_inner(), tx, delta::DeltaStream::new(core)));
@@ -516,17 +515,18 @@ struct StreamContext {
 impl StreamContext {
     async fn run<M: StreamMachine>(
         mut self,
-        mut inbound: Streaming<M::Request>,
+        inbound: impl futures::Stream<Item = Result<M::Request, Status>> + Send,
         tx: mpsc::Sender<Result<M::Response, Status>>,
         mut machine: M,
     ) {
         let mut counted: Option<(&'static str, &'static str)> = None;
+        let mut inbound = std::pin::pin!(inbound);
         let result: Result<(), Status> = async {
             loop {
                 let secrets_due = machine.core().secrets_due();
                 let (responses, from_snapshot) = tokio::select! {
-                    message = inbound.message() => {
-                        let Some(request) = message? else { return Ok(()) };
+                    message = futures::StreamExt::next(&mut inbound) => {
+                        let Some(request) = message.transpose()? else { return Ok(()) };
                         let snapshot = self.snapshots.borrow_and_update().clone();
                         match machine.on_request(request, &snapshot) {
                             Ok(outcome) => {

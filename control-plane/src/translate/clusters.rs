@@ -62,9 +62,10 @@ fn detect_timeout_metadata(timeout: std::time::Duration) -> Metadata {
     }
 }
 
-pub(super) fn clusters(mesh: &Mesh, view: &View) -> Vec<Cluster> {
-    let flavor = view.flavor;
-    let mut clusters: Vec<Cluster> = all_clusters(mesh)
+/// The clusters every view of `flavor` has: one per service port and
+/// subset.
+pub(super) fn clusters(mesh: &Mesh, flavor: Flavor) -> Vec<Cluster> {
+    all_clusters(mesh)
         .map(|(service, port, subset)| {
             let name = cluster_name(&service.key(), port.port, subset);
             let lb_policy = match (flavor, service.load_balancer) {
@@ -123,11 +124,18 @@ pub(super) fn clusters(mesh: &Mesh, view: &View) -> Vec<Cluster> {
             }
             cluster
         })
-        .collect();
-    if let Some(app) = view.inbound.as_ref().and_then(|i| i.app.as_ref()) {
-        clusters.push(inbound_app_cluster(app));
-    }
-    clusters
+        .collect()
+}
+
+/// The clusters of one view: its local application's, when the node
+/// names it.
+pub(super) fn view_clusters(view: &View) -> Vec<Cluster> {
+    view.inbound
+        .as_ref()
+        .and_then(|i| i.app.as_ref())
+        .map(inbound_app_cluster)
+        .into_iter()
+        .collect()
 }
 
 /// A service outside the mesh, found by DNS: every address in the answer
@@ -280,7 +288,7 @@ services:
     fn a_service_by_hostname_is_a_strict_dns_cluster_without_tls_or_eds() {
         let mesh = external_mesh();
         let view = View::sidecar("127.0.0.1:15001".parse().expect("literal"));
-        let clusters = clusters(&mesh, &view);
+        let clusters = clusters(&mesh, view.flavor);
         let [cluster] = clusters.as_slice() else {
             panic!("one cluster: {clusters:?}");
         };
@@ -319,7 +327,7 @@ services:
             ..view
         };
         assert_eq!(
-            super::clusters(&mesh, &grpc)[0].cluster_discovery_type,
+            super::clusters(&mesh, grpc.flavor)[0].cluster_discovery_type,
             Some(ClusterDiscoveryType::Type(DiscoveryType::LogicalDns as i32))
         );
     }

@@ -57,23 +57,33 @@ const INTERNAL_HEADERS: [&str; 3] = [
     "x-remora-error",
 ];
 
-pub(super) fn listeners(mesh: &Mesh, view: &View) -> Vec<Listener> {
-    match view.flavor {
-        Flavor::Sidecar => {
-            let mut listeners = sidecar_listeners(mesh, view.outbound_listener);
-            if let Some(inbound) = &view.inbound {
-                listeners.push(inbound_listener(mesh, inbound));
-            }
-            listeners
-        }
+/// The listeners every view of `flavor` has: for sidecars, the unbound
+/// listeners that `use_original_dst` hands intercepted connections to
+/// (Istio's layout), one per HTTP port and per opaque TCP service address;
+/// for proxyless gRPC, the `api_listener` of every target.
+pub(super) fn shared_listeners(mesh: &Mesh, flavor: Flavor) -> Vec<Listener> {
+    match flavor {
+        Flavor::Sidecar => unbound_listeners(mesh),
         Flavor::ProxylessGrpc => api_listeners(mesh),
     }
 }
 
-/// The explicit outbound listener, bound where the node asked, plus one
-/// unbound listener per service port that `use_original_dst` hands
-/// intercepted connections to (Istio's layout).
-fn sidecar_listeners(mesh: &Mesh, outbound: SocketAddr) -> Vec<Listener> {
+/// The listeners of one sidecar view: the explicit outbound listener bound
+/// where the node asked, the virtual outbound listener for destinations
+/// outside the mesh (it names that port too), and the inbound listener
+/// when the node asks for one.
+pub(super) fn view_listeners(mesh: &Mesh, view: &View) -> Vec<Listener> {
+    if view.flavor != Flavor::Sidecar {
+        return Vec::new();
+    }
+    let mut listeners = outbound_listeners(mesh, view.outbound_listener);
+    if let Some(inbound) = &view.inbound {
+        listeners.push(inbound_listener(mesh, inbound));
+    }
+    listeners
+}
+
+fn outbound_listeners(mesh: &Mesh, outbound: SocketAddr) -> Vec<Listener> {
     let mut listeners = vec![Listener {
         name: OUTBOUND.to_string(),
         address: Some(socket_address(outbound)),
@@ -89,17 +99,6 @@ fn sidecar_listeners(mesh: &Mesh, outbound: SocketAddr) -> Vec<Listener> {
         }],
         ..Default::default()
     }];
-
-    let mut http_port_numbers: Vec<u16> = http_ports(mesh).map(|(_, p, _)| p.port).collect();
-    http_port_numbers.sort_unstable();
-    http_port_numbers.dedup();
-    for port in http_port_numbers {
-        let address = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
-        listeners.push(unbound_listener(
-            address,
-            network_filter(HCM_FILTER, &http_connection_manager(&port.to_string())),
-        ));
-    }
 
     // Destinations outside the mesh (Istio's layout: the virtual outbound
     // listener's default chain). Envoy gets no such clusters from us yet,
@@ -132,6 +131,22 @@ fn sidecar_listeners(mesh: &Mesh, outbound: SocketAddr) -> Vec<Listener> {
         }),
         ..Default::default()
     });
+    listeners
+}
+
+/// One unbound listener per HTTP port and per opaque TCP service address.
+fn unbound_listeners(mesh: &Mesh) -> Vec<Listener> {
+    let mut listeners = Vec::new();
+    let mut http_port_numbers: Vec<u16> = http_ports(mesh).map(|(_, p, _)| p.port).collect();
+    http_port_numbers.sort_unstable();
+    http_port_numbers.dedup();
+    for port in http_port_numbers {
+        let address = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+        listeners.push(unbound_listener(
+            address,
+            network_filter(HCM_FILTER, &http_connection_manager(&port.to_string())),
+        ));
+    }
 
     // Opaque TCP can only be told apart by destination address, so only
     // services with a virtual IP get a listener.

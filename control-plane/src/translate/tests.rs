@@ -84,14 +84,13 @@ fn decode<M: prost::Message + prost::Name + Default>(
 ) -> M {
     let resource = r
         .of(ty)
-        .resources
         .get(name)
         .unwrap_or_else(|| panic!("no {ty} resource {name:?}; have {:?}", names(r, ty)));
     unpack(&resource.any).expect("decodes")
 }
 
 fn names(r: &Resources, ty: ResourceType) -> BTreeSet<String> {
-    r.of(ty).resources.keys().cloned().collect()
+    r.of(ty).names().map(str::to_string).collect()
 }
 
 #[test]
@@ -434,10 +433,13 @@ fn versions_are_stable_and_change_only_where_content_does() {
     );
     let changed: Vec<&String> = a
         .of(ResourceType::Endpoint)
-        .resources
         .iter()
-        .filter(|(n, r)| c.of(ResourceType::Endpoint).resources[*n].version != r.version)
-        .map(|(n, _)| n)
+        .filter(|r| {
+            c.of(ResourceType::Endpoint)
+                .get(&r.name)
+                .is_some_and(|new| new.version != r.version)
+        })
+        .map(|r| &r.name)
         .collect();
     assert_eq!(
         changed,
@@ -540,7 +542,10 @@ fn tls_mesh() -> Mesh {
 }
 
 fn cluster(res: &Resources, name: &str) -> Cluster {
-    let r = &res.of(ResourceType::Cluster).resources[name];
+    let r = res
+        .of(ResourceType::Cluster)
+        .get(name)
+        .unwrap_or_else(|| panic!("no cluster {name:?}"));
     unpack(&r.any).expect("a cluster")
 }
 
@@ -674,8 +679,13 @@ fn mixed_clusters_match_mtls_on_endpoint_metadata() {
     assert_eq!(sans, ["spiffe://cluster.local/ns/default/sa/mixed"]);
     assert!(protocol_options(&mixed).is_none(), "HTTP/1 port: HTTP/1.1");
 
-    let cla: ClusterLoadAssignment =
-        unpack(&res.of(ResourceType::Endpoint).resources[name].any).expect("CLA");
+    let cla: ClusterLoadAssignment = unpack(
+        &res.of(ResourceType::Endpoint)
+            .get(name)
+            .expect("present")
+            .any,
+    )
+    .expect("CLA");
     let metadata: Vec<Vec<String>> = cla.endpoints[0]
         .lb_endpoints
         .iter()
@@ -700,7 +710,9 @@ fn mixed_clusters_match_mtls_on_endpoint_metadata() {
         ]
     );
     let api: ClusterLoadAssignment = unpack(
-        &res.of(ResourceType::Endpoint).resources["outbound|8080||api.default.svc.cluster.local"]
+        &res.of(ResourceType::Endpoint)
+            .get("outbound|8080||api.default.svc.cluster.local")
+            .expect("present")
             .any,
     )
     .expect("CLA");
@@ -739,7 +751,13 @@ fn inbound_view(service: &str, app: Option<AppView>) -> View {
 }
 
 fn inbound(res: &Resources) -> Listener {
-    unpack(&res.of(ResourceType::Listener).resources["inbound"].any).expect("a listener")
+    unpack(
+        &res.of(ResourceType::Listener)
+            .get("inbound")
+            .expect("present")
+            .any,
+    )
+    .expect("a listener")
 }
 
 fn chain_protocols(l: &Listener) -> Vec<String> {
@@ -818,11 +836,7 @@ fn strict_inbound_listener_has_one_mtls_chain() {
     );
 
     // Without REMORA_APP_ADDRESS, no inbound|app cluster.
-    assert!(
-        !res.of(ResourceType::Cluster)
-            .resources
-            .contains_key("inbound|app")
-    );
+    assert!(!res.of(ResourceType::Cluster).contains("inbound|app"));
     // Unknown services are STRICT.
     let unknown = inbound(&translate(&tls_mesh(), &inbound_view("nope", None)));
     assert_eq!(chain_protocols(&unknown), ["tls"]);
@@ -830,8 +844,7 @@ fn strict_inbound_listener_has_one_mtls_chain() {
     assert!(
         !translate(&tls_mesh(), &sidecar())
             .of(ResourceType::Listener)
-            .resources
-            .contains_key("inbound")
+            .contains("inbound")
     );
 }
 

@@ -171,8 +171,7 @@ impl DeltaStream {
         let wanted = |name: &str| state.status.wildcard || state.names.contains(name);
 
         let resources: Vec<PbResource> = of_type
-            .resources
-            .values()
+            .iter()
             .filter(|r| wanted(&r.name) && state.held.get(&r.name) != Some(&r.version))
             .map(|r| PbResource {
                 name: r.name.clone(),
@@ -184,13 +183,13 @@ impl DeltaStream {
         let mut removed: BTreeSet<String> = state
             .held
             .keys()
-            .filter(|name| !of_type.resources.contains_key(*name))
+            .filter(|name| !of_type.contains(name))
             .cloned()
             .collect();
         removed.extend(
             std::mem::take(&mut state.missing)
                 .into_iter()
-                .filter(|name| !of_type.resources.contains_key(name)),
+                .filter(|name| !of_type.contains(name)),
         );
         if resources.is_empty() && removed.is_empty() && !always {
             return None;

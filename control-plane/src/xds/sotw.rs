@@ -11,16 +11,31 @@
 //!   first of its type) is always answered;
 //! - a mesh change sends each subscribed type whose version changed, in
 //!   make-before-break order; a version the client rejected is not sent
-//!   again until something changes.
+//!   again until something changes;
+//! - LDS and CDS responses carry every subscribed resource (the protocol
+//!   requires it), and so do SDS responses (two small secrets); EDS and RDS
+//!   responses carry only what the client lacks: resources whose content
+//!   changed since the last response, and those it newly subscribed to (as
+//!   the xDS protocol allows, and Envoy and gRPC apply them one by one).
+//!   After a NACK, and after the clusters (for EDS) or listeners (for RDS)
+//!   changed, the next response is whole again.
+//!
+//! Responses are [`SotwResponse`]s: the resources in them are encoded once
+//! per snapshot ([`crate::translate::Resource::encoded`]) and shared by
+//! every stream they are sent on.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
 use remora_xds_proto::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
 use super::ClientResources;
+use super::names::{self, Names};
 use super::status::TypeStatus;
 use super::{Outcome, StreamCore, StreamError, StreamMachine};
-use crate::translate::{ResourceType, SECRET_DEFAULT};
+use crate::translate::{Resource, ResourceType, SECRET_DEFAULT};
 use crate::xds::snapshot::Snapshot;
 
 /// One SotW stream.
@@ -32,13 +47,77 @@ pub struct SotwStream {
 
 #[derive(Debug, Default)]
 struct TypeState {
-    names: BTreeSet<String>,
+    /// Subscribed names (shared with every stream that subscribes to the
+    /// same ones).
+    names: Names,
     status: TypeStatus,
+    /// What the client holds of this type: the resources of the last
+    /// response and the names subscribed then. None before the first
+    /// response and after a NACK.
+    holds: Option<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    resources: ClientResources,
+    names: Names,
+    wildcard: bool,
+}
+
+/// One state-of-the-world response, ready to frame: its own small fields,
+/// and its resources as encoded buffers shared with other responses.
+#[derive(Debug, Clone)]
+pub struct SotwResponse {
+    /// The type's version.
+    pub version_info: String,
+    /// The type URL.
+    pub type_url: &'static str,
+    /// This response's nonce.
+    pub nonce: String,
+    /// How many resources it carries.
+    pub count: usize,
+    /// The encoded `resources` field, in pieces.
+    pieces: Vec<Bytes>,
+}
+
+impl SotwResponse {
+    /// The response as a gRPC message (length-prefixed, uncompressed), in
+    /// buffers: a small one of its own, then the shared resources.
+    pub fn into_grpc_frames(self) -> impl Iterator<Item = Bytes> {
+        let fields = DiscoveryResponse {
+            version_info: self.version_info,
+            type_url: self.type_url.to_string(),
+            nonce: self.nonce,
+            ..Default::default()
+        };
+        let len = fields.encoded_len() + self.pieces.iter().map(Bytes::len).sum::<usize>();
+        let mut head = BytesMut::with_capacity(5 + fields.encoded_len());
+        head.put_u8(0);
+        // A response larger than 4 GiB cannot be framed; the gRPC limits
+        // of every client are far below that.
+        head.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        fields.encode_raw(&mut head);
+        std::iter::once(head.freeze()).chain(self.pieces)
+    }
+
+    /// The response as a client decodes it.
+    pub fn decode(&self) -> DiscoveryResponse {
+        let mut buf = BytesMut::new();
+        for piece in &self.pieces {
+            buf.extend_from_slice(piece);
+        }
+        let mut response =
+            DiscoveryResponse::decode(buf.freeze()).unwrap_or_else(|e| panic!("encoded here: {e}"));
+        response.version_info.clone_from(&self.version_info);
+        response.type_url = self.type_url.to_string();
+        response.nonce.clone_from(&self.nonce);
+        response
+    }
 }
 
 impl StreamMachine for SotwStream {
     type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
+    type Response = SotwResponse;
     const API: &'static str = "sotw";
 
     /// Handles one request against the current snapshot.
@@ -46,7 +125,7 @@ impl StreamMachine for SotwStream {
         &mut self,
         request: DiscoveryRequest,
         snapshot: &Snapshot,
-    ) -> Result<Outcome<DiscoveryResponse>, StreamError> {
+    ) -> Result<Outcome<SotwResponse>, StreamError> {
         self.core.identify(request.node.as_ref(), snapshot)?;
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
             return Err(StreamError::UnknownType(request.type_url));
@@ -66,12 +145,18 @@ impl StreamMachine for SotwStream {
                 .status
                 .record_answer(request.version_info.clone(), request.error_detail.as_ref())
                 .map(|message| (ty, message));
+            if outcome.nack.is_some() {
+                state.holds = None;
+            }
         }
 
-        let names: BTreeSet<String> = request.resource_names.into_iter().collect();
-        let wildcard = names.contains("*") || (names.is_empty() && ty.wildcard_by_default());
-        let changed = first || names != state.names || wildcard != state.status.wildcard;
-        state.names = names;
+        let requested: BTreeSet<String> = request.resource_names.into_iter().collect();
+        let wildcard =
+            requested.contains("*") || (requested.is_empty() && ty.wildcard_by_default());
+        let changed = first || *state.names != requested || wildcard != state.status.wildcard;
+        if changed {
+            state.names = names::intern(requested);
+        }
         state.status.wildcard = wildcard;
         state.status.subscribed = if wildcard { 0 } else { state.names.len() };
         if ty == ResourceType::Secret {
@@ -87,7 +172,7 @@ impl StreamMachine for SotwStream {
     }
 
     /// Sends every subscribed type whose content changed in `snapshot`.
-    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<DiscoveryResponse>, StreamError> {
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<SotwResponse>, StreamError> {
         if self.core.client.is_none() {
             return Ok(Vec::new());
         }
@@ -100,6 +185,19 @@ impl StreamMachine for SotwStream {
             })
             .map(|(ty, _)| *ty)
             .collect();
+        // A changed cluster or listener is rebuilt by the client, which
+        // then wants its endpoints or routes again: after CDS or LDS,
+        // EDS and RDS go whole (as Istio does on a full push).
+        for (before, after) in [
+            (ResourceType::Cluster, ResourceType::Endpoint),
+            (ResourceType::Listener, ResourceType::Route),
+        ] {
+            if due.contains(&before)
+                && let Some(state) = self.types.get_mut(&after)
+            {
+                state.holds = None;
+            }
+        }
         Ok(due.into_iter().map(|ty| self.respond(ty, &view)).collect())
     }
 
@@ -118,8 +216,8 @@ impl StreamMachine for SotwStream {
             .collect()
     }
 
-    fn type_name(response: &DiscoveryResponse) -> &'static str {
-        remora_xds_proto::type_url::short_name(&response.type_url)
+    fn type_name(response: &SotwResponse) -> &'static str {
+        remora_xds_proto::type_url::short_name(response.type_url)
     }
 }
 
@@ -133,29 +231,83 @@ impl SotwStream {
         }
     }
 
-    fn respond(&mut self, ty: ResourceType, view: &ClientResources) -> DiscoveryResponse {
+    fn respond(&mut self, ty: ResourceType, view: &ClientResources) -> SotwResponse {
         let nonce = self.core.next_nonce().to_string();
         let of_type = view.of(ty);
         let state = self.types.entry(ty).or_default();
-        let resources = if state.status.wildcard {
-            of_type.resources.values().map(|r| r.any.clone()).collect()
-        } else {
-            state
-                .names
-                .iter()
-                .filter_map(|n| of_type.resources.get(n))
-                .map(|r| r.any.clone())
-                .collect()
-        };
+        let wildcard = state.status.wildcard;
+        let names = &state.names;
+        let subscribed = |r: &Resource| wildcard || names.contains(&r.name);
+        let mut out = Pieces::default();
+        // EDS and RDS carry what the client lacks; the others go whole.
+        let partial = matches!(ty, ResourceType::Endpoint | ResourceType::Route);
+        match state.holds.as_ref().filter(|_| partial) {
+            Some(held) => {
+                let held_subscribed = |r: &Resource| held.wildcard || held.names.contains(&r.name);
+                // Changed content of what it subscribed to before and now.
+                for r in of_type.changed_since(held.resources.of(ty)) {
+                    if held_subscribed(r) && subscribed(r) {
+                        out.push(r);
+                    }
+                }
+                // What it subscribed to since, as it is now.
+                if held.wildcard != wildcard || !Arc::ptr_eq(&held.names, names) {
+                    let newly = |r: &&Resource| !held_subscribed(r);
+                    if wildcard {
+                        of_type.iter().filter(newly).for_each(|r| out.push(r));
+                    } else {
+                        let named = names.iter().filter_map(|n| of_type.get(n));
+                        named.filter(newly).for_each(|r| out.push(r));
+                    }
+                }
+            }
+            None => {
+                let shared = of_type.shared();
+                if wildcard || (names.len() >= of_type.len() && shared.iter().all(subscribed)) {
+                    // All of it (EDS by name commonly names every cluster):
+                    // the shared part in one buffer for every client.
+                    if !shared.is_empty() {
+                        out.bytes.push(shared.encoded());
+                        out.count += shared.len();
+                    }
+                    of_type
+                        .own()
+                        .filter(|r| subscribed(r))
+                        .for_each(|r| out.push(r));
+                } else {
+                    let named = names.iter().filter_map(|n| of_type.get(n));
+                    named.for_each(|r| out.push(r));
+                }
+            }
+        }
+        state.holds = Some(Held {
+            resources: view.clone(),
+            names: state.names.clone(),
+            wildcard,
+        });
         state.status.sent_version = Some(of_type.version.clone());
         state.status.sent_nonce = Some(nonce.clone());
-        DiscoveryResponse {
+        SotwResponse {
             version_info: of_type.version.clone(),
-            resources,
-            type_url: ty.type_url().to_string(),
+            type_url: ty.type_url(),
             nonce,
-            ..Default::default()
+            count: out.count,
+            pieces: out.bytes,
         }
+    }
+}
+
+/// The encoded resources of a response being built.
+#[derive(Default)]
+struct Pieces {
+    bytes: Vec<Bytes>,
+    count: usize,
+}
+
+impl Pieces {
+    fn push(&mut self, resource: &Resource) {
+        self.bytes.push(resource.encoded.clone());
+        self.count += 1;
     }
 }
 
@@ -211,7 +363,7 @@ mod tests {
             .expect("ok");
         assert_eq!(out.responses.len(), 1);
         let r = &out.responses[0];
-        assert_eq!(r.resources.len(), 1, "wildcard CDS gets every cluster");
+        assert_eq!(r.count, 1, "wildcard CDS gets every cluster");
         assert!(!r.version_info.is_empty() && !r.nonce.is_empty());
 
         let ack = s
@@ -277,7 +429,7 @@ mod tests {
         let first = s
             .on_request(request(ResourceType::Endpoint, &[CLUSTER], "", ""), &snap)
             .expect("ok");
-        assert_eq!(first.responses[0].resources.len(), 1);
+        assert_eq!(first.responses[0].count, 1);
         let stale = s
             .on_request(
                 request(ResourceType::Endpoint, &["other"], "v0", "999"),
@@ -327,9 +479,8 @@ mod tests {
             .expect("ok");
         assert_eq!(out.responses.len(), 1);
         assert_eq!(
-            out.responses[0].resources.len(),
-            1,
-            "only existing names are sent"
+            out.responses[0].count, 0,
+            "what the client holds is not sent again, and missing names are not sent"
         );
         // Unsubscribing everything is answered with an empty set.
         let r2 = &out.responses[0];
@@ -340,10 +491,7 @@ mod tests {
             )
             .expect("ok");
         assert_eq!(out.responses.len(), 1);
-        assert!(
-            out.responses[0].resources.is_empty(),
-            "EDS is never wildcard"
-        );
+        assert!(out.responses[0].count == 0, "EDS is never wildcard");
     }
 
     #[test]
@@ -377,7 +525,7 @@ mod tests {
             .on_snapshot(&changed)
             .expect("ok")
             .iter()
-            .map(|r| r.type_url.clone())
+            .map(|r| r.type_url.to_string())
             .collect();
         assert_eq!(
             types,
@@ -428,5 +576,155 @@ mod tests {
             s.on_request(req, &snapshot(9000)),
             Err(StreamError::UnknownType(_))
         ));
+    }
+
+    /// Two services, `web` and `api`, with these endpoint ports.
+    fn two_services(web_port: u16, api_port: u16, generation: u64) -> Snapshot {
+        let mut web = service("web", 80, Protocol::Http);
+        web.endpoints[0].port = Some(web_port);
+        let mut api = service("api", 80, Protocol::Http);
+        api.endpoints[0].port = Some(api_port);
+        let mesh = Mesh::new("cluster.local".into(), vec![web, api], Vec::new()).expect("valid");
+        Snapshot::new(Arc::new(mesh), generation)
+    }
+
+    const API: &str = "outbound|80||api.default.svc.cluster.local";
+
+    fn cla_names(r: &SotwResponse) -> Vec<String> {
+        r.decode()
+            .resources
+            .iter()
+            .map(|any| {
+                remora_xds_proto::unpack::<
+                    remora_xds_proto::pb::envoy::config::endpoint::v3::ClusterLoadAssignment,
+                >(any)
+                .expect("a CLA")
+                .cluster_name
+            })
+            .collect()
+    }
+
+    /// Subscribes CDS wildcard and EDS to both clusters, and ACKs both.
+    fn synced(snap: &Snapshot) -> SotwStream {
+        let mut s = SotwStream::default();
+        for (ty, names) in [
+            (ResourceType::Cluster, &[][..]),
+            (ResourceType::Endpoint, &[CLUSTER, API][..]),
+        ] {
+            let r = s
+                .on_request(request(ty, names, "", ""), snap)
+                .expect("ok")
+                .responses
+                .remove(0);
+            assert_eq!(r.count, 2);
+            s.on_request(request(ty, names, &r.version_info, &r.nonce), snap)
+                .expect("ack");
+        }
+        s
+    }
+
+    #[test]
+    fn an_endpoint_change_sends_only_the_assignment_that_changed() {
+        let mut s = synced(&two_services(9000, 9100, 0));
+        let pushed = s.on_snapshot(&two_services(9000, 9101, 1)).expect("ok");
+        assert_eq!(pushed.len(), 1, "only EDS changed");
+        assert_eq!(pushed[0].type_url, ResourceType::Endpoint.type_url());
+        assert_eq!(cla_names(&pushed[0]), [API]);
+        // The version is still the whole type's.
+        let view = s.core.view(&two_services(9000, 9101, 1)).expect("view");
+        assert_eq!(
+            pushed[0].version_info,
+            view.of(ResourceType::Endpoint).version
+        );
+    }
+
+    #[test]
+    fn after_a_nack_the_next_push_is_whole() {
+        let mut s = synced(&two_services(9000, 9100, 0));
+        let pushed = s.on_snapshot(&two_services(9000, 9101, 1)).expect("ok");
+        let r = &pushed[0];
+        s.on_request(
+            DiscoveryRequest {
+                resource_names: vec![CLUSTER.into(), API.into()],
+                ..nack(ResourceType::Endpoint, &r.version_info, &r.nonce)
+            },
+            &two_services(9000, 9101, 1),
+        )
+        .expect("nack");
+        let pushed = s.on_snapshot(&two_services(9000, 9102, 2)).expect("ok");
+        assert_eq!(cla_names(&pushed[0]), [API, CLUSTER], "whole after a NACK");
+    }
+
+    #[test]
+    fn a_cluster_change_sends_the_endpoints_whole_and_new_names_get_theirs() {
+        let mut s = synced(&two_services(9000, 9100, 0));
+        // web's cluster changes (connect timeout) and api's endpoints do.
+        let mut web = service("web", 80, Protocol::Http);
+        web.endpoints[0].port = Some(9000);
+        web.connect_timeout = std::time::Duration::from_secs(7);
+        let mut api = service("api", 80, Protocol::Http);
+        api.endpoints[0].port = Some(9101);
+        let mut extra = service("extra", 80, Protocol::Http);
+        extra.endpoints[0].port = Some(9200);
+        let mesh =
+            Mesh::new("cluster.local".into(), vec![web, api, extra], Vec::new()).expect("valid");
+        let snap = Snapshot::new(Arc::new(mesh), 1);
+        let pushed = s.on_snapshot(&snap).expect("ok");
+        let types: Vec<&str> = pushed.iter().map(|r| r.type_url).collect();
+        assert_eq!(
+            types,
+            [
+                ResourceType::Cluster.type_url(),
+                ResourceType::Endpoint.type_url()
+            ]
+        );
+        assert_eq!(
+            cla_names(&pushed[1]),
+            [API, CLUSTER],
+            "after CDS, EDS is whole"
+        );
+        // The client subscribes to the new cluster too: only its
+        // endpoints are sent.
+        let extra_cluster = "outbound|80||extra.default.svc.cluster.local";
+        let r = &pushed[1];
+        let out = s
+            .on_request(
+                request(
+                    ResourceType::Endpoint,
+                    &[CLUSTER, API, extra_cluster],
+                    &r.version_info,
+                    &r.nonce,
+                ),
+                &snap,
+            )
+            .expect("ok");
+        assert_eq!(cla_names(&out.responses[0]), [extra_cluster]);
+    }
+
+    #[test]
+    fn framed_responses_decode_as_a_discovery_response() {
+        let snap = two_services(9000, 9100, 0);
+        let mut s = SotwStream::default();
+        let r = s
+            .on_request(
+                request(ResourceType::Endpoint, &[CLUSTER, API], "", ""),
+                &snap,
+            )
+            .expect("ok")
+            .responses
+            .remove(0);
+        let expected = r.decode();
+        let mut wire = Vec::new();
+        for piece in r.into_grpc_frames() {
+            wire.extend_from_slice(&piece);
+        }
+        assert_eq!(wire[0], 0, "not compressed");
+        let len = u32::from_be_bytes([wire[1], wire[2], wire[3], wire[4]]) as usize;
+        assert_eq!(len, wire.len() - 5);
+        let decoded = DiscoveryResponse::decode(&wire[5..]).expect("decodes");
+        assert_eq!(decoded, expected);
+        assert_eq!(decoded.resources.len(), 2);
+        assert_eq!(decoded.type_url, ResourceType::Endpoint.type_url());
+        assert!(!decoded.nonce.is_empty() && !decoded.version_info.is_empty());
     }
 }

@@ -6,6 +6,7 @@ use remora_xds_proto::pb::envoy::extensions::transport_sockets::tls::v3::Secret 
 use remora_xds_proto::pb::google::protobuf::{Struct, Value, value::Kind};
 use remora_xds_proto::unpack;
 
+use super::sotw::SotwResponse;
 use super::*;
 use crate::ca::Ca;
 use crate::model::fixtures::*;
@@ -84,7 +85,8 @@ fn sds_request(node: Node, names: &[&str], version: &str, nonce: &str) -> Discov
     }
 }
 
-fn secret_names(response: &DiscoveryResponse) -> Vec<String> {
+fn secret_names(response: &SotwResponse) -> Vec<String> {
+    let response = response.decode();
     response
         .resources
         .iter()
@@ -217,7 +219,7 @@ fn grpc_clients_get_no_secrets() {
             &snap,
         )
         .expect("ok");
-    assert!(out.responses[0].resources.is_empty());
+    assert!(out.responses[0].count == 0);
 }
 
 #[test]
@@ -263,8 +265,13 @@ fn ads_on_the_tls_listener_needs_a_client_certificate() {
     let tls = plain.for_tls_listener();
 
     let mut request = Request::new(());
-    assert_eq!(plain.transport(&request).ok(), Some(Transport::Plaintext));
-    let status = tls.transport(&request).expect_err("no certificate");
+    assert_eq!(
+        plain.transport(request.extensions()).ok(),
+        Some(Transport::Plaintext)
+    );
+    let status = tls
+        .transport(request.extensions())
+        .expect_err("no certificate");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     assert!(status.message().contains("client certificate is required"));
 
@@ -272,13 +279,16 @@ fn ads_on_the_tls_listener_needs_a_client_certificate() {
         remote_addr: None,
         spiffe_id: None,
     });
-    assert!(tls.transport(&request).is_err(), "a connection without one");
+    assert!(
+        tls.transport(request.extensions()).is_err(),
+        "a connection without one"
+    );
     request.extensions_mut().insert(TlsPeer {
         remote_addr: None,
         spiffe_id: Some(WEB_ID.into()),
     });
     assert_eq!(
-        tls.transport(&request).ok(),
+        tls.transport(request.extensions()).ok(),
         Some(Transport::Tls {
             spiffe_id: WEB_ID.into()
         })

@@ -70,11 +70,7 @@ fn kind(ty: ResourceType) -> ResourceKind {
 }
 
 fn anys(res: &Resources, ty: ResourceType) -> Vec<Any> {
-    res.of(ty)
-        .resources
-        .values()
-        .map(|r| r.any.clone())
-        .collect()
+    res.of(ty).iter().map(|r| r.any.clone()).collect()
 }
 
 /// Applies one response of `ty` the way the xDS client does.
@@ -119,8 +115,7 @@ where
 {
     let mut f = Some(f);
     res.of(ty)
-        .resources
-        .values()
+        .iter()
         .map(|r| {
             if r.name == name
                 && let Some(f) = f.take()
@@ -196,7 +191,7 @@ fn cds_error(name: &str, f: impl FnOnce(&mut PbCluster)) -> String {
     let (config, _) = compiler.build(&state());
     assert_eq!(
         config.clusters.len(),
-        res.of(ResourceType::Cluster).resources.len(),
+        res.of(ResourceType::Cluster).len(),
         "the rejected cluster keeps its accepted form, the others apply"
     );
     applied.errors[0].to_string()
@@ -248,10 +243,7 @@ fn the_example_mesh_compiles_fully_and_completely() {
         Some(&res.of(ResourceType::Cluster).version)
     );
     assert_eq!(config.versions.len(), 4);
-    assert_eq!(
-        config.clusters.len(),
-        res.of(ResourceType::Cluster).resources.len()
-    );
+    assert_eq!(config.clusters.len(), res.of(ResourceType::Cluster).len());
 
     let catalog = &config.clusters[CATALOG_ALL];
     assert_eq!(catalog.lb_policy, LbPolicy::LeastRequest);
@@ -562,8 +554,7 @@ fn a_route_to_a_missing_cluster_keeps_its_weight_with_no_backend() {
     let (mut compiler, res) = compiled(EXAMPLE);
     let without_v1: Vec<Any> = res
         .of(ResourceType::Cluster)
-        .resources
-        .values()
+        .iter()
         .filter(|r| r.name != CATALOG_V1)
         .map(|r| r.any.clone())
         .collect();
@@ -629,7 +620,7 @@ fn the_config_is_complete_only_when_every_part_arrived() {
     );
     assert_eq!(
         compiler.endpoint_names().len(),
-        res.of(ResourceType::Endpoint).resources.len()
+        res.of(ResourceType::Endpoint).len()
     );
     assert!(step(&mut compiler, ResourceType::Endpoint));
 }
@@ -645,12 +636,14 @@ fn lds_and_cds_responses_are_the_whole_set_rds_and_eds_are_not() {
     assert!(compiler.endpoint_names().is_empty());
     assert!(compiler.build(&state()).0.clusters.is_empty());
 
-    assert!(!res.of(ResourceType::Cluster).resources.is_empty());
+    assert!(!res.of(ResourceType::Cluster).is_empty());
 
     // An EDS response carrying one assignment keeps the others.
     let (mut compiler, res) = compiled(EXAMPLE);
     let one: Vec<Any> = vec![
-        res.of(ResourceType::Endpoint).resources[FRONTEND]
+        res.of(ResourceType::Endpoint)
+            .get(FRONTEND)
+            .expect("present")
             .any
             .clone(),
     ];
@@ -1116,7 +1109,7 @@ fn endpoint_health_decides_membership() {
     let (mut compiler, res) = compiled(EXAMPLE);
     let changed = {
         let mut list = Vec::new();
-        for r in res.of(ResourceType::Endpoint).resources.values() {
+        for r in res.of(ResourceType::Endpoint).iter() {
             let mut cla: ClusterLoadAssignment = unpack(&r.any).expect("cla");
             if cla.cluster_name == CATALOG_ALL {
                 let statuses = [HealthStatus::Timeout, HealthStatus::Unknown];

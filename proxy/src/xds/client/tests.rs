@@ -42,12 +42,7 @@ fn node() -> Node {
 fn response(res: &Resources, ty: ResourceType, nonce: &str) -> DiscoveryResponse {
     DiscoveryResponse {
         version_info: res.of(ty).version.clone(),
-        resources: res
-            .of(ty)
-            .resources
-            .values()
-            .map(|r| r.any.clone())
-            .collect(),
+        resources: res.of(ty).iter().map(|r| r.any.clone()).collect(),
         type_url: ty.type_url().into(),
         nonce: nonce.into(),
         ..Default::default()
@@ -121,9 +116,8 @@ fn responses_are_acked_and_dependent_types_subscribed() {
     assert_eq!(short(eds), "EDS");
     let expected: Vec<String> = res
         .of(ResourceType::Endpoint)
-        .resources
-        .keys()
-        .cloned()
+        .names()
+        .map(str::to_string)
         .collect();
     assert_eq!(eds.resource_names, expected);
     assert!(eds.version_info.is_empty() && eds.response_nonce.is_empty());
@@ -246,7 +240,7 @@ fn a_removed_cluster_shrinks_the_eds_subscription() {
     assert!(!eds.resource_names.iter().any(|n| n == CATALOG_V1));
     assert_eq!(
         eds.resource_names.len(),
-        res.of(ResourceType::Endpoint).resources.len() - 1
+        res.of(ResourceType::Endpoint).len() - 1
     );
     // The EDS request carries that type's last version and nonce.
     assert_eq!(eds.version_info, res.of(ResourceType::Endpoint).version);
@@ -272,7 +266,7 @@ fn a_reconnect_resends_every_subscription_with_the_accepted_versions() {
             (
                 "EDS",
                 res.of(ResourceType::Endpoint).version.as_str(),
-                res.of(ResourceType::Endpoint).resources.len()
+                res.of(ResourceType::Endpoint).len()
             ),
             ("LDS", res.of(ResourceType::Listener).version.as_str(), 0),
             ("RDS", res.of(ResourceType::Route).version.as_str(), 4),
