@@ -15,9 +15,13 @@ pub struct MeshSpec {
     /// subsets, a header route and a weighted split with a timeout and a
     /// retry policy. 0: no service has routes.
     pub routed_every: usize,
-    /// Extra endpoints appended to service 0: the mesh change the benchmark
-    /// makes is this going from 0 to 1.
+    /// Extra endpoints appended to service 0, with addresses after every
+    /// other endpoint's so no other service changes: the mesh change the
+    /// benchmark makes by default is this going from 0 to 1.
     pub extra_endpoints: usize,
+    /// Added to every endpoint's address index: going from 0 to 1 changes
+    /// every endpoint of every service at once (`--change all-endpoints`).
+    pub address_shift: usize,
 }
 
 /// Name of service `i`.
@@ -70,19 +74,25 @@ pub fn render(spec: &MeshSpec) -> String {
                 "    subsets:\n      - {name: v1, labels: {version: v1}}\n      - {name: v2, labels: {version: v2}}\n",
             );
         }
-        let count = per + usize::from(i < extra) + if i == 0 { spec.extra_endpoints } else { 0 };
+        let extra_here = if i == 0 { spec.extra_endpoints } else { 0 };
+        let count = per + usize::from(i < extra) + extra_here;
         if count > 0 {
             out.push_str("    endpoints:\n");
         }
         for j in 0..count {
+            let index = if j < count - extra_here {
+                k += 1;
+                k - 1
+            } else {
+                spec.endpoints + (j - (count - extra_here))
+            };
             let _ = writeln!(
                 out,
                 "      - {{address: {addr}, port: {port}, identity: {{service_account: {name}}}, labels: {{version: v{v}}}, zone: zone-{z}}}",
-                addr = address(k),
+                addr = address(index + spec.address_shift),
                 v = 1 + j % 2,
                 z = if j % 2 == 0 { 'a' } else { 'b' },
             );
-            k += 1;
         }
         if routed {
             let retry_on = if protocol == "grpc" {
@@ -110,6 +120,7 @@ mod tests {
             endpoints: 10,
             routed_every: 2,
             extra_endpoints: 0,
+            address_shift: 0,
         };
         let text = render(&spec);
         assert_eq!(text.matches("- {address:").count(), 10);
@@ -119,5 +130,25 @@ mod tests {
             ..spec
         });
         assert_eq!(more.matches("- {address:").count(), 11);
+        // Only service 0 changes: every other line is the same.
+        let added: Vec<&str> = more
+            .lines()
+            .filter(|l| !text.lines().any(|t| t == *l))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                "      - {address: 10.0.0.11, port: 8080, identity: {service_account: svc-00000}, labels: {version: v1}, zone: zone-a}"
+            ]
+        );
+        let shifted = render(&MeshSpec {
+            address_shift: 1,
+            ..spec
+        });
+        let kept = shifted
+            .lines()
+            .filter(|l| l.contains("address:") && text.lines().any(|t| t == *l))
+            .count();
+        assert_eq!(kept, 0, "every endpoint moved");
     }
 }

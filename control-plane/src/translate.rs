@@ -17,7 +17,7 @@ mod listeners;
 mod routes;
 pub mod tls;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
@@ -311,14 +311,11 @@ const RESPONSE_RESOURCES_FIELD: u32 = 2;
 pub struct ResourceSet {
     version: String,
     resources: BTreeMap<String, Resource>,
-    encoded: OnceLock<Bytes>,
+    all: OnceLock<Batch>,
     /// The last [`ResourceSet::changed_since`] answer: every stream that
     /// held the same older set asks the same question after a change.
-    changed: Mutex<Option<ChangedSince>>,
+    changed: Mutex<Option<(Weak<ResourceSet>, Arc<Batch>)>>,
 }
-
-/// An older set, and the names that differ from it.
-type ChangedSince = (Weak<ResourceSet>, Arc<[String]>);
 
 impl PartialEq for ResourceSet {
     fn eq(&self, other: &ResourceSet) -> bool {
@@ -336,7 +333,7 @@ impl ResourceSet {
         ResourceSet {
             version: format!("{:016x}", hasher.digest()),
             resources,
-            encoded: OnceLock::new(),
+            all: OnceLock::new(),
             changed: Mutex::new(None),
         }
     }
@@ -344,25 +341,6 @@ impl ResourceSet {
     /// Every resource.
     pub fn iter(&self) -> impl Iterator<Item = &Resource> {
         self.resources.values()
-    }
-
-    /// The names of the resources that are new or different from those in
-    /// `old`, computed once per `old`.
-    pub fn changed_since(&self, old: &Arc<ResourceSet>) -> Arc<[String]> {
-        let mut cache = self.changed.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((seen, names)) = cache.as_ref()
-            && Weak::ptr_eq(seen, &Arc::downgrade(old))
-        {
-            return names.clone();
-        }
-        let names: Arc<[String]> = self
-            .resources
-            .values()
-            .filter(|r| old.get(&r.name).is_none_or(|o| o.version != r.version))
-            .map(|r| r.name.clone())
-            .collect();
-        *cache = Some((Arc::downgrade(old), names.clone()));
-        names
     }
 
     /// How many resources.
@@ -380,19 +358,89 @@ impl ResourceSet {
         self.resources.get(name)
     }
 
-    /// Every resource as a response carries them, one buffer for every
-    /// client: the concatenation of their [`Resource::encoded`].
+    /// Every resource, as one batch.
+    pub fn all(&self) -> &Batch {
+        self.all.get_or_init(|| Batch::new(self.resources.values()))
+    }
+
+    /// The resources that are new or different from those in `old`, as one
+    /// batch, made once per `old`.
+    pub fn changed_since(&self, old: &Arc<ResourceSet>) -> Arc<Batch> {
+        let mut cache = self.changed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((seen, batch)) = cache.as_ref()
+            && Weak::ptr_eq(seen, &Arc::downgrade(old))
+        {
+            return batch.clone();
+        }
+        let batch =
+            Arc::new(Batch::new(self.resources.values().filter(|r| {
+                old.get(&r.name).is_none_or(|o| o.version != r.version)
+            })));
+        *cache = Some((Arc::downgrade(old), batch.clone()));
+        batch
+    }
+}
+
+/// Resources that many clients are sent together: their names, and their
+/// encoding in a response (the concatenation of their
+/// [`Resource::encoded`]) in one buffer for every client.
+#[derive(Debug, Default)]
+pub struct Batch {
+    names: Vec<String>,
+    encoded: Bytes,
+    /// The last subscription asked about, and whether it names them all:
+    /// subscriptions are interned, so thousands of streams ask about the
+    /// same one.
+    covered: Mutex<Option<(Weak<BTreeSet<String>>, bool)>>,
+}
+
+impl Batch {
+    fn new<'a>(resources: impl Iterator<Item = &'a Resource> + Clone) -> Batch {
+        let len = resources.clone().map(|r| r.encoded.len()).sum();
+        let mut encoded = BytesMut::with_capacity(len);
+        let mut names = Vec::new();
+        for r in resources {
+            encoded.extend_from_slice(&r.encoded);
+            names.push(r.name.clone());
+        }
+        Batch {
+            names,
+            encoded: encoded.freeze(),
+            covered: Mutex::new(None),
+        }
+    }
+
+    /// The resources' names, in order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// How many resources.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// All of them, encoded.
     pub fn encoded(&self) -> Bytes {
-        self.encoded
-            .get_or_init(|| {
-                let len = self.resources.values().map(|r| r.encoded.len()).sum();
-                let mut buf = BytesMut::with_capacity(len);
-                for r in self.resources.values() {
-                    buf.extend_from_slice(&r.encoded);
-                }
-                buf.freeze()
-            })
-            .clone()
+        self.encoded.clone()
+    }
+
+    /// True when `subscribed` names every resource of the batch.
+    pub fn covered_by(&self, subscribed: &Arc<BTreeSet<String>>) -> bool {
+        let mut cache = self.covered.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((seen, covered)) = cache.as_ref()
+            && Weak::ptr_eq(seen, &Arc::downgrade(subscribed))
+        {
+            return *covered;
+        }
+        let covered = self.names.iter().all(|n| subscribed.contains(n));
+        *cache = Some((Arc::downgrade(subscribed), covered));
+        covered
     }
 }
 
@@ -488,25 +536,20 @@ impl TypeResources {
         self.own.values()
     }
 
-    /// The resources that are new or different from those in `old`.
+    /// The resources that are new or different from those in `old`: the
+    /// shared ones as a batch (None when the shared part is the same), and
+    /// the view's own.
     pub fn changed_since<'a>(
         &'a self,
         old: &'a TypeResources,
-    ) -> impl Iterator<Item = &'a Resource> {
-        let shared = if Arc::ptr_eq(&self.shared, &old.shared) {
-            None
-        } else {
-            Some(self.shared.changed_since(&old.shared))
-        };
-        let shared = shared
-            .into_iter()
-            .flat_map(|names| (0..names.len()).map(move |i| names[i].clone()))
-            .filter_map(|name| self.shared.get(&name));
+    ) -> (Option<Arc<Batch>>, impl Iterator<Item = &'a Resource>) {
+        let shared = (!Arc::ptr_eq(&self.shared, &old.shared))
+            .then(|| self.shared.changed_since(&old.shared));
         let own = self
             .own
             .values()
             .filter(|r| old.get(&r.name).is_none_or(|o| o.version != r.version));
-        shared.chain(own)
+        (shared, own)
     }
 }
 

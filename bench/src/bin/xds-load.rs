@@ -5,8 +5,9 @@
 //! the world, ACKing like Envoy), and measures:
 //! - the time until every client has ACKed its initial config;
 //! - the control plane's RSS and CPU seconds once they are synced and idle;
-//! - after one mesh-file change (an endpoint added to one service, written
-//!   atomically), the time from the write until each client has ACKed the
+//! - after one mesh-file change (by default an endpoint added to one
+//!   service; `--change all-endpoints` moves every endpoint), written
+//!   atomically, the time from the write until each client has ACKed the
 //!   new version of every type that changed (p50, p99, max over clients),
 //!   and the CPU seconds the control plane spent on it.
 //!
@@ -77,6 +78,21 @@ struct Args {
     /// Keep the work directory (mesh files, control-plane logs).
     #[arg(long)]
     keep: bool,
+    /// The mesh change measured: `endpoint` adds one endpoint to one
+    /// service (one ClusterLoadAssignment changes); `all-endpoints` moves
+    /// every endpoint to a new address (every assignment changes, as when
+    /// every workload is rescheduled).
+    #[arg(long, value_enum, default_value_t = MeshChange::Endpoint)]
+    change: MeshChange,
+}
+
+/// The mesh change a round measures.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum MeshChange {
+    /// One endpoint added to one service.
+    Endpoint,
+    /// Every endpoint of every service moved.
+    AllEndpoints,
 }
 
 /// One row of the table.
@@ -132,11 +148,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         endpoints: args.endpoints,
         routed_every: args.routed_every,
         extra_endpoints: 0,
+        address_shift: 0,
     };
     let base = mesh::render(&spec);
-    let changed = mesh::render(&MeshSpec {
-        extra_endpoints: 1,
-        ..spec
+    let changed = mesh::render(&match args.change {
+        MeshChange::Endpoint => MeshSpec {
+            extra_endpoints: 1,
+            ..spec
+        },
+        MeshChange::AllEndpoints => MeshSpec {
+            address_shift: 1,
+            ..spec
+        },
     });
     let check = work.join("mesh.yaml");
     std::fs::write(&check, &base)?;

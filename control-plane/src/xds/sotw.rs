@@ -35,7 +35,7 @@ use super::ClientResources;
 use super::names::{self, Names};
 use super::status::TypeStatus;
 use super::{Outcome, StreamCore, StreamError, StreamMachine};
-use crate::translate::{Resource, ResourceType, SECRET_DEFAULT};
+use crate::translate::{Batch, Resource, ResourceType, SECRET_DEFAULT};
 use crate::xds::snapshot::Snapshot;
 
 /// One SotW stream.
@@ -244,8 +244,24 @@ impl SotwStream {
         match state.holds.as_ref().filter(|_| partial) {
             Some(held) => {
                 let held_subscribed = |r: &Resource| held.wildcard || held.names.contains(&r.name);
-                // Changed content of what it subscribed to before and now.
-                for r in of_type.changed_since(held.resources.of(ty)) {
+                // Changed content of what it subscribed to before and now:
+                // usually one shared batch for every client.
+                let (batch, own) = of_type.changed_since(held.resources.of(ty));
+                if let Some(batch) = batch {
+                    let covers =
+                        |names: &Names, wildcard: bool| wildcard || batch.covered_by(names);
+                    if covers(names, wildcard) && covers(&held.names, held.wildcard) {
+                        out.batch(&batch);
+                    } else {
+                        let shared = of_type.shared();
+                        for r in batch.names().iter().filter_map(|n| shared.get(n)) {
+                            if held_subscribed(r) && subscribed(r) {
+                                out.push(r);
+                            }
+                        }
+                    }
+                }
+                for r in own {
                     if held_subscribed(r) && subscribed(r) {
                         out.push(r);
                     }
@@ -262,14 +278,11 @@ impl SotwStream {
                 }
             }
             None => {
-                let shared = of_type.shared();
-                if wildcard || (names.len() >= of_type.len() && shared.iter().all(subscribed)) {
+                let all = of_type.shared().all();
+                if wildcard || all.covered_by(names) {
                     // All of it (EDS by name commonly names every cluster):
                     // the shared part in one buffer for every client.
-                    if !shared.is_empty() {
-                        out.bytes.push(shared.encoded());
-                        out.count += shared.len();
-                    }
+                    out.batch(all);
                     of_type
                         .own()
                         .filter(|r| subscribed(r))
@@ -308,6 +321,13 @@ impl Pieces {
     fn push(&mut self, resource: &Resource) {
         self.bytes.push(resource.encoded.clone());
         self.count += 1;
+    }
+
+    fn batch(&mut self, batch: &Batch) {
+        if !batch.is_empty() {
+            self.bytes.push(batch.encoded());
+            self.count += batch.len();
+        }
     }
 }
 
