@@ -101,6 +101,7 @@ impl SotwResponse {
     }
 
     /// The response as a client decodes it.
+    #[cfg(test)]
     pub fn decode(&self) -> DiscoveryResponse {
         let mut buf = BytesMut::new();
         for piece in &self.pieces {
