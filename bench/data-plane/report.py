@@ -44,7 +44,7 @@ def by(runs, test, path, key, label=None):
 
 
 def errors(r):
-    """wrk: socket errors + non-2xx/3xx. h2load: failed + errored + timed
+    """wrk and oha: socket errors + non-2xx/3xx. h2load: failed + errored + timed
     out. (h2load's "status codes" line can count a few fewer 2xx than its
     "succeeded" count at the end of a timed run, for direct runs too; that
     gap is kept as status_2xx_gap, not counted here: docs/benchmarks.md.)"""
@@ -237,7 +237,8 @@ def plot(results: dict, path: Path) -> None:
             ax.set_title(f"{pname}, set '{name}'")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
-    fig.suptitle(f"HTTP/1.1 latency vs rate (h2load --rps), {results['meta']['date_utc']}")
+    generator = "oha --latency-correction" if results["meta"]["versions"].get("oha") else "h2load --rps"
+    fig.suptitle(f"HTTP/1.1 latency vs rate ({generator}), {results['meta']['date_utc']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

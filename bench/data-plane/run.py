@@ -6,7 +6,7 @@
 Starts nginx (the upstream), remora-control-plane on a generated mesh file,
 a Remora client sidecar + server sidecar and an Envoy client sidecar +
 server sidecar (both pairs mTLS, configured by the same control plane from
-the same mesh file), then measures the three paths with wrk and h2load,
+the same mesh file), then measures the three paths with wrk, h2load and oha,
 round-robin per measurement, and writes:
 
 - a JSON file with every raw measurement and the machine's description,
@@ -90,7 +90,22 @@ def ensure_tools(build: bool) -> dict:
         )
     bins["envoy"] = envoy
     bins["nginx"] = Path(shutil.which("nginx") or "/usr/sbin/nginx")
+    bins["oha"] = find_oha()
+    if bins["oha"] is None:
+        log("cargo install oha --locked (open-loop latency with correction; a few minutes)")
+        subprocess.run(["cargo", "install", "oha", "--locked"], check=True)
+        bins["oha"] = find_oha()
+    if bins["oha"] is None:
+        sys.exit("oha is installed but not found on PATH or in ~/.cargo/bin")
     return bins
+
+
+def find_oha() -> Path | None:
+    found = shutil.which("oha")
+    if found:
+        return Path(found)
+    cargo_bin = Path.home() / ".cargo" / "bin" / "oha"
+    return cargo_bin if cargo_bin.exists() else None
 
 
 def find_envoy() -> Path | None:
@@ -474,16 +489,9 @@ def run_wrk(url: str, host: str, conns: int, secs: float, close: bool = False) -
     raise RuntimeError(f"wrk printed no summary: {out.stdout}\n{out.stderr}")
 
 
-def run_h2load(url: str, host: str, secs: float, clients: int, streams: int,
-               h1: bool = False, rps: float | None = None, logfile: Path | None = None) -> dict:
+def run_h2load(url: str, host: str, secs: float, clients: int, streams: int) -> dict:
     argv = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", "-D", f"{secs:g}",
             "--warm-up-time=1", "-H", f":authority: {host}"]
-    if h1:
-        argv.append("--h1")
-    if rps is not None:
-        argv.append(f"--rps={rps:g}")
-    if logfile is not None:
-        argv.append(f"--log-file={logfile}")
     out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=secs + 60)
     res = {"out": out.stdout[-2000:]}
     for line in out.stdout.splitlines():
@@ -509,21 +517,35 @@ def run_h2load(url: str, host: str, secs: float, clients: int, streams: int,
     return res
 
 
-def percentiles_from_log(path: Path) -> dict:
-    lat = []
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3:
-            lat.append(int(parts[2]))
-    lat.sort()
-    if not lat:
-        return {"n": 0}
+def run_oha(oha: Path, url: str, host: str, secs: float, clients: int, rate: float) -> dict:
+    """Open loop at `rate` req/s over `clients` HTTP/1.1 keep-alive
+    connections, with latency correction: a request's latency counts from
+    when it was due, so a stalled path is charged for the requests it
+    delayed (no coordinated omission)."""
+    # -w: requests in flight at the deadline finish instead of counting
+    # as errors.
+    argv = [str(oha), "-z", f"{secs:g}s", "-q", f"{rate:g}", "-c", str(clients), "-w",
+            "--latency-correction", "--no-tui", "--output-format", "json",
+            "--host", host, url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"oha failed ({out.returncode}): {out.stderr.strip()}")
+    d = json.loads(out.stdout)
+    codes = {int(k): v for k, v in (d.get("statusCodeDistribution") or {}).items()}
+    requests = sum(codes.values())
+    non_2xx_3xx = sum(v for k, v in codes.items() if not 200 <= k < 400)
+    socket_errors = sum((d.get("errorDistribution") or {}).values())
+    pct = d.get("latencyPercentiles") or {}
 
-    def pct(q: float) -> float:
-        return lat[min(len(lat) - 1, math.ceil(q / 100 * len(lat)) - 1)] / 1000.0
+    def ms(key: str) -> float | None:
+        v = pct.get(key)
+        return None if v is None else v * 1000.0
 
-    return {"n": len(lat), "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
-            "p999_ms": pct(99.9), "max_ms": lat[-1] / 1000.0}
+    return {"generator": "oha", "rps": d["summary"]["requestsPerSec"], "requests": requests,
+            "errors": non_2xx_3xx + socket_errors, "n": requests,
+            "status_codes": codes, "error_kinds": d.get("errorDistribution") or {},
+            "p50_ms": ms("p50"), "p90_ms": ms("p90"), "p99_ms": ms("p99"),
+            "p999_ms": ms("p99.9"), "max_ms": (d["summary"].get("slowest") or 0) * 1000.0}
 
 
 # === the run ===
@@ -568,19 +590,12 @@ def _measure(topo: Topology, path: str, test: str, secs: float, rate: float | No
     elif test == "churn":
         r = run_wrk(url + "/", host, 8, secs, close=True)
     elif test == "lat":
-        # Rate-limited HTTP/1.1 (h2load --h1 --rps): each of `clients`
-        # connections sends `rate/clients` requests per second; every
-        # request's latency comes from h2load's --log-file.
+        # Open-loop HTTP/1.1 at a fixed rate over `clients` keep-alive
+        # connections, latency-corrected (oha --latency-correction).
         clients = max(10, min(100, math.ceil(rate / 100)))
-        logf = work / f"lat-{path}-{int(rate)}.log"
-        if logf.exists():
-            logf.unlink()
-        r = run_h2load(url + "/", host, secs, clients=clients, streams=1, h1=True,
-                       rps=rate / clients, logfile=logf)
-        r.update(percentiles_from_log(logf))
+        r = run_oha(topo.bins["oha"], url + "/", host, secs, clients, rate)
         r["target_rps"] = rate
         r["clients"] = clients
-        logf.unlink()
     else:
         raise ValueError(test)
     r.pop("out", None)
@@ -656,6 +671,7 @@ def main() -> None:
             "nginx": version([str(bins["nginx"]), "-v"]),
             "wrk": version(["wrk", "-v"]),
             "h2load": version(["h2load", "--version"]),
+            "oha": version([str(bins["oha"]), "--version"]),
         },
         "settings": vars(args),
     }
