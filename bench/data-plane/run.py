@@ -566,9 +566,9 @@ def our_cpu_s(procs: Procs) -> float:
     return total + t.user + t.system + t.children_user + t.children_system
 
 
-def measure(topo: Topology, path: str, test: str, secs: float, rate: float | None, work: Path) -> dict:
+def measure(topo: Topology, path: str, test: str, secs: float, rate: float | None) -> dict:
     busy0, ours0, wall0 = system_busy_s(), our_cpu_s(topo.procs), time.time()
-    r = _measure(topo, path, test, secs, rate, work)
+    r = _measure(topo, path, test, secs, rate)
     busy1, ours1, wall1 = system_busy_s(), our_cpu_s(topo.procs), time.time()
     # CPU seconds that processes this run did not start used meanwhile
     # (other people's builds and tests on a shared machine).
@@ -577,7 +577,7 @@ def measure(topo: Topology, path: str, test: str, secs: float, rate: float | Non
     return r
 
 
-def _measure(topo: Topology, path: str, test: str, secs: float, rate: float | None, work: Path) -> dict:
+def _measure(topo: Topology, path: str, test: str, secs: float, rate: float | None) -> dict:
     pids = topo.pids.get(path, {})
     sampler = Sampler(pids) if pids else None
     url, host = topo.target(path, h2=(test == "h2"))
@@ -697,7 +697,7 @@ def main() -> None:
                     order = PATHS[rep % 3:] + PATHS[:rep % 3]
                     for path in order:
                         procs.check()
-                        r = measure(topo, path, test, args.secs, None, work)
+                        r = measure(topo, path, test, args.secs, None)
                         runs.append({"rep": rep, "test": test, "path": path, **r})
                         log(f"{set_name} rep {rep} {test:6} {path:7} {r['rps']:9.0f} req/s "
                             f"{(r.get('bytes_per_s') or 0) / 2**20:8.1f} MiB/s errors {r.get('errors')} "
@@ -714,7 +714,7 @@ def main() -> None:
                     for path in order:
                         procs.check()
                         target = rate if isinstance(rate, float) else float(rate[1:]) * maxima[path]
-                        r = measure(topo, path, "lat", args.secs, round(target), work)
+                        r = measure(topo, path, "lat", args.secs, round(target))
                         label = rate if isinstance(rate, float) else rate
                         runs.append({"rep": rep, "test": "lat", "rate_label": label, "path": path, **r})
                         log(f"{set_name} rep {rep} lat {target:7.0f}/s {path:7} got {r['rps']:8.0f}/s "

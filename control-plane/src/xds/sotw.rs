@@ -35,7 +35,7 @@ use super::ClientResources;
 use super::names::{self, Names};
 use super::status::TypeStatus;
 use super::{Outcome, StreamCore, StreamError, StreamMachine};
-use crate::translate::{Batch, Resource, ResourceType, SECRET_DEFAULT};
+use crate::translate::{Batch, Resource, ResourceType, SECRET_DEFAULT, TypeResources};
 use crate::xds::snapshot::Snapshot;
 
 /// One SotW stream.
@@ -51,15 +51,15 @@ struct TypeState {
     /// same ones).
     names: Names,
     status: TypeStatus,
-    /// What the client holds of this type: the resources of the last
-    /// response and the names subscribed then. None before the first
-    /// response and after a NACK.
+    /// EDS and RDS only: what the client holds, as of the last response
+    /// (the type's resources then, and the names subscribed then). None
+    /// before the first response and after a NACK.
     holds: Option<Held>,
 }
 
 #[derive(Debug)]
 struct Held {
-    resources: ClientResources,
+    resources: TypeResources,
     names: Names,
     wildcard: bool,
 }
@@ -242,12 +242,12 @@ impl SotwStream {
         let mut out = Pieces::default();
         // EDS and RDS carry what the client lacks; the others go whole.
         let partial = matches!(ty, ResourceType::Endpoint | ResourceType::Route);
-        match state.holds.as_ref().filter(|_| partial) {
+        match state.holds.as_ref() {
             Some(held) => {
                 let held_subscribed = |r: &Resource| held.wildcard || held.names.contains(&r.name);
                 // Changed content of what it subscribed to before and now:
                 // usually one shared batch for every client.
-                let (batch, own) = of_type.changed_since(held.resources.of(ty));
+                let (batch, own) = of_type.changed_since(&held.resources);
                 if let Some(batch) = batch {
                     let covers =
                         |names: &Names, wildcard: bool| wildcard || batch.covered_by(names);
@@ -294,8 +294,8 @@ impl SotwStream {
                 }
             }
         }
-        state.holds = Some(Held {
-            resources: view.clone(),
+        state.holds = partial.then(|| Held {
+            resources: of_type.clone(),
             names: state.names.clone(),
             wildcard,
         });
