@@ -204,6 +204,14 @@ def children_of(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+def listener_pid(port: int) -> int | None:
+    """The pid of the process listening on 127.0.0.1:port (from ss)."""
+    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    for part in out.split("pid=")[1:]:
+        return int(part.split(",", 1)[0])
+    return None
+
+
 def wait_http(url: str, host: str, timeout: float, procs: Procs) -> None:
     deadline = time.time() + timeout
     last = None
@@ -267,7 +275,7 @@ class Topology:
             k: free_port()
             for k in (
                 "nginx_h1", "nginx_h2", "cp_xds", "cp_tls", "cp_mon",
-                "remora_out", "remora_in", "remora_cadmin", "remora_sadmin",
+                "remora_out", "remora_in", "remora_sout", "remora_cin", "remora_cadmin", "remora_sadmin",
                 "envoy_out", "envoy_in", "envoy_sout", "envoy_cadmin", "envoy_sadmin",
             )
         }
@@ -356,7 +364,10 @@ class Topology:
                 "--node-id", "web-remora-1", "--service", "web-remora",
                 "--service-account", "web-remora",
                 "--token-file", str(self.work / "web-remora.token"),
-                "--outbound-addr", "127.0.0.1:0",
+                # A port of its own, not 0: an ephemeral port may be one
+                # picked above for another listener (it once took Envoy's
+                # outbound port and answered Envoy's requests itself).
+                "--outbound-addr", f"127.0.0.1:{p['remora_sout']}",
                 "--inbound-addr", f"127.0.0.1:{p['remora_in']}",
                 "--admin-addr", f"127.0.0.1:{p['remora_sadmin']}",
                 "--app-addr", f"127.0.0.1:{p['nginx_h1']}",
@@ -371,6 +382,7 @@ class Topology:
                 "--service-account", "client-remora",
                 "--token-file", str(self.work / "client-remora.token"),
                 "--outbound-addr", f"127.0.0.1:{p['remora_out']}",
+                "--inbound-addr", f"127.0.0.1:{p['remora_cin']}",
                 "--admin-addr", f"127.0.0.1:{p['remora_cadmin']}",
             ],
         )
@@ -390,6 +402,14 @@ class Topology:
         for path in ("remora", "envoy"):
             url, host = self.target(path)
             wait_http(url + "/", host, 60, self.procs)
+        # Each path's entry must be its own client proxy's listener.
+        for path, port in (("remora", p["remora_out"]), ("envoy", p["envoy_out"])):
+            owner = listener_pid(port)
+            if owner is not None and owner != self.pids[path]["client"]:
+                raise RuntimeError(
+                    f"127.0.0.1:{port} is held by pid {owner}, not the {path} client "
+                    f"proxy (pid {self.pids[path]['client']})"
+                )
         log("all paths answer 200")
 
     def start_envoy(self, name, service, out_port, admin_port, workers, extra) -> subprocess.Popen:

@@ -10,6 +10,7 @@
 //! HTTP/1.1 keeps idle keep-alive connections and returns a connection to
 //! the pool once its response is done.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -33,8 +34,12 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// How long an idle HTTP/1.1 connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle HTTP/1.1 connections kept per endpoint.
-const MAX_IDLE_PER_ENDPOINT: usize = 64;
+/// Idle HTTP/1.1 connections kept per endpoint. HTTP/1.1 needs a
+/// connection per concurrent request, so this must exceed the concurrency
+/// an endpoint sees, or every request over it opens and closes a connection
+/// (64 made a quarter of the requests at 128 concurrent streams open one).
+/// Envoy's default connection limit per cluster is 1024.
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 /// HTTP/2 flow-control windows: large enough for bulk transfers at
 /// loopback speed, small enough to bound memory per stream.
 const H2_STREAM_WINDOW: u32 = 1 << 20;
@@ -94,7 +99,9 @@ pub struct Pool {
 #[derive(Debug, Default)]
 struct PoolInner {
     h2: Mutex<Option<http2::SendRequest<Body>>>,
-    h1: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
+    /// Idle connections, the most recently used at the back (reused
+    /// first, so a burst's extra connections age out at the front).
+    h1: Mutex<VecDeque<(http1::SendRequest<Body>, Instant)>>,
 }
 
 impl Pool {
@@ -205,7 +212,7 @@ impl Pool {
 
     fn idle_h1(&self) -> Option<http1::SendRequest<Body>> {
         let mut idle = lock(&self.inner.h1);
-        while let Some((sender, since)) = idle.pop() {
+        while let Some((sender, since)) = idle.pop_back() {
             if sender.is_ready() && since.elapsed() < IDLE_TIMEOUT {
                 return Some(sender);
             }
@@ -218,9 +225,18 @@ impl Pool {
         let pool = self.inner.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
+                let now = Instant::now();
                 let mut idle = lock(&pool.h1);
+                // Close what has idled too long or was closed by the
+                // server, oldest first, so unused connections do not
+                // outlive the idle timeout for want of a burst.
+                while idle.front().is_some_and(|(s, since)| {
+                    now.duration_since(*since) >= IDLE_TIMEOUT || s.is_closed()
+                }) {
+                    idle.pop_front();
+                }
                 if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                    idle.push((sender, Instant::now()));
+                    idle.push_back((sender, now));
                 }
             }
         });

@@ -104,6 +104,8 @@ impl Echoed {
 struct State {
     name: String,
     requests: AtomicU64,
+    /// Connections accepted.
+    connections: AtomicU64,
     http1: AtomicU64,
     http2: AtomicU64,
     failed: AtomicU64,
@@ -132,6 +134,7 @@ impl EchoServer {
         let state = Arc::new(State {
             name: name.to_string(),
             requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             http1: AtomicU64::new(0),
             http2: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -156,6 +159,11 @@ impl EchoServer {
     /// Requests received so far (counted on arrival).
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::Relaxed)
     }
 
     /// Requests received over HTTP/1.1 and over HTTP/2.
@@ -202,6 +210,7 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        state.connections.fetch_add(1, Ordering::Relaxed);
         let state = state.clone();
         connections.spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {

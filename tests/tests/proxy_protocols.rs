@@ -132,6 +132,55 @@ async fn own_protocol(dir: &TestDir) -> Result<()> {
     Ok(())
 }
 
+/// Concurrent requests in each burst (HTTP/2 streams on one connection
+/// from the caller, so HTTP/1.1 connections to the application).
+const BURST: usize = 100;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_connections_to_the_application_are_kept_for_the_next_burst() {
+    let dir = TestDir::new("proxy-app-connections");
+    dir.check(app_connections(&dir).await);
+}
+
+/// Three bursts of [`BURST`] concurrent requests to an HTTP/1.1
+/// application: the first opens a connection per request, the next two
+/// reuse them instead of opening and closing connections per request.
+async fn app_connections(dir: &TestDir) -> Result<()> {
+    let (topology, web, _h2app, _h2quiet) = http_topology(dir).await?;
+    // Long enough that every request of a burst is in flight at once.
+    web.set_delay(Duration::from_millis(200));
+    let client = AppClient::new(topology.client().outbound_addr(), AppProtocol::Http2);
+    for burst in 1..=3 {
+        let replies =
+            futures::future::join_all((0..BURST).map(|_| client.get(WEB, "/burst", &[]))).await;
+        for reply in replies {
+            let reply = reply.with_context(|| format!("burst {burst}"))?;
+            ensure!(
+                reply.status == StatusCode::OK,
+                "burst {burst}: {}",
+                reply.describe()
+            );
+        }
+        let opened = web.connections();
+        println!("after burst {burst}: the application accepted {opened} connections");
+        ensure!(
+            opened >= BURST as u64,
+            "{BURST} concurrent requests reached the HTTP/1.1 application over only {opened} \
+             connections: were they concurrent?"
+        );
+    }
+    // A few may be opened while the previous burst's connections are still
+    // being returned to the pool; a pool that keeps fewer than BURST idle
+    // connections opens BURST - kept in each later burst.
+    let opened = web.connections();
+    ensure!(
+        opened <= BURST as u64 + 10,
+        "three bursts of {BURST} concurrent requests opened {opened} connections to the \
+         application: idle connections were closed instead of kept for reuse"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn methods_headers_and_bodies_arrive_as_sent_without_hop_by_hop_or_internal_headers() {
     let dir = TestDir::new("proxy-headers");
