@@ -120,8 +120,9 @@ impl Inbound {
             Some(b"http1") => AppProtocol::Http1,
             _ => self.default_protocol,
         };
-        let Some(authority) = headers::authority(&request).map(str::to_owned) else {
-            return self.fail(ProxyError::NoAuthority, grpc, None);
+        let authority = match headers::authority(&request) {
+            Ok(authority) => authority,
+            Err(error) => return self.fail(error, grpc, None),
         };
         let upgrade = headers::is_upgrade(&request);
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -149,12 +150,14 @@ impl Inbound {
             Some(downstream) => {
                 match upstream::request(&parts, &authority, upstream::Hop::Http1, boxed(body)) {
                     Ok(request) => {
-                        let sent = upstream::send_upgrade(
+                        // Boxed: rare, and its connect future would
+                        // otherwise size every request's future.
+                        let sent = Box::pin(upstream::send_upgrade(
                             app,
                             Security::Plaintext,
                             APP_CONNECT_TIMEOUT,
                             request,
-                        )
+                        ))
                         .await;
                         sent.map(|mut response| {
                             if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -22,6 +23,7 @@ use prometheus::IntGauge;
 use crate::balance::{self, InFlight};
 use crate::config::{AppProtocol, Cluster, ConfigStore, Endpoint, Route};
 use crate::errors::ProxyError;
+use crate::http::drain::Drained;
 use crate::http::headers::{self, APP_PROTOCOL};
 use crate::http::observe::{GaugeGuard, Observed};
 use crate::http::retry::{self, ReplayBody};
@@ -81,13 +83,14 @@ impl Outbound {
         let Some(table) = table else {
             return self.fail(ProxyError::NotReady, grpc);
         };
-        let Some(authority) = headers::authority(&request).map(str::to_owned) else {
-            return self.fail(ProxyError::NoAuthority, grpc);
+        let authority = match headers::authority(&request) {
+            Ok(authority) => authority,
+            Err(error) => return self.fail(error, grpc),
         };
         let upgrade = headers::is_upgrade(&request);
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        let Some((_, route)) = table.route(&authority, &parts) else {
+        let Some((_, route)) = table.route(authority.as_str(), &parts) else {
             return self.fail(
                 ProxyError::NoRoute(format!("{authority}{}", parts.uri.path())),
                 grpc,
@@ -99,9 +102,10 @@ impl Outbound {
         let start = Instant::now();
         let cancelled = CountIfCancelled::new(&route.metrics);
         let result = match downstream_upgrade {
+            // Boxed: rare, and its connect future would otherwise size
+            // every request's future.
             Some(downstream) => {
-                self.upgrade(route, &parts, body, &authority, downstream)
-                    .await
+                Box::pin(self.upgrade(route, &parts, body, &authority, downstream)).await
             }
             None => self.forward(route, &parts, body, &authority).await,
         };
@@ -147,7 +151,7 @@ impl Outbound {
         route: &Route,
         parts: &http::request::Parts,
         body: Incoming,
-        authority: &str,
+        authority: &Authority,
     ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
         let action = &route.action;
         let tries = async {
@@ -158,7 +162,7 @@ impl Outbound {
                     .await;
             };
             policy.budget.deposit(Instant::now());
-            let (first, replayer) = ReplayBody::new(body);
+            let (first, replayer) = ReplayBody::new(Drained::new(body));
             let mut next_body = Some(first);
             let mut failed: Option<Arc<Endpoint>> = None;
             let mut retries = 0;
@@ -227,7 +231,7 @@ impl Outbound {
         route: &Route,
         parts: &http::request::Parts,
         body: Incoming,
-        authority: &str,
+        authority: &Authority,
         downstream: hyper::upgrade::OnUpgrade,
     ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
         let (cluster, endpoint) = pick(route, None)?;
@@ -254,7 +258,7 @@ impl Outbound {
         cluster: &Cluster,
         endpoint: Arc<Endpoint>,
         parts: &http::request::Parts,
-        authority: &str,
+        authority: &Authority,
         body: Body,
     ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
         let (addr, hop) = match endpoint.key.proxy {
@@ -337,9 +341,10 @@ fn pick<'r>(
     Ok((cluster, endpoint))
 }
 
-/// A downstream body as the proxy's body type.
+/// A downstream body as the proxy's body type, drained rather than reset
+/// if the next hop stops reading it early (see `http/drain.rs`).
 pub fn boxed(body: Incoming) -> Body {
-    body.map_err(Into::into).boxed_unsync()
+    Drained::new(body).map_err(Into::into).boxed_unsync()
 }
 
 /// The hop that speaks an application protocol.

@@ -16,13 +16,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::errors::ProxyError;
 use crate::tls::{Alpn, TlsContext};
@@ -98,10 +100,42 @@ pub struct Pool {
 
 #[derive(Debug, Default)]
 struct PoolInner {
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    h2: Mutex<H2Slot>,
     /// Idle connections, the most recently used at the back (reused
     /// first, so a burst's extra connections age out at the front).
     h1: Mutex<VecDeque<(http1::SendRequest<Body>, Instant)>>,
+}
+
+/// The endpoint's HTTP/2 connection.
+#[derive(Debug, Default)]
+struct H2Slot {
+    sender: Option<http2::SendRequest<Body>>,
+    /// Set while a request opens the connection: requests arriving
+    /// meanwhile wait for it instead of each opening one (a burst at
+    /// startup, or after the connection closed, would otherwise cost a TLS
+    /// handshake per request and keep only the last connection).
+    connecting: Option<watch::Receiver<()>>,
+}
+
+/// Held while opening the HTTP/2 connection; dropped (done, failed or
+/// cancelled), it clears [`H2Slot::connecting`] and wakes the waiters.
+struct Connecting<'a> {
+    pool: &'a PoolInner,
+    waiters: watch::Receiver<()>,
+    _wake: watch::Sender<()>,
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        let mut slot = lock(&self.pool.h2);
+        if slot
+            .connecting
+            .as_ref()
+            .is_some_and(|rx| rx.same_channel(&self.waiters))
+        {
+            slot.connecting = None;
+        }
+    }
 }
 
 impl Pool {
@@ -135,20 +169,9 @@ impl Pool {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let cached = lock(&self.inner.h2)
-                .as_ref()
-                .filter(|s| !s.is_closed())
-                .cloned();
-            let mut sender = match cached {
-                Some(s) => s,
-                None => {
-                    let s = connect_h2(addr, security, connect_timeout).await?;
-                    *lock(&self.inner.h2) = Some(s.clone());
-                    s
-                }
-            };
+            let mut sender = self.h2_sender(addr, security, connect_timeout).await?;
             if let Err(source) = sender.ready().await {
-                lock(&self.inner.h2).take();
+                lock(&self.inner.h2).sender.take();
                 if attempt == 1 {
                     continue;
                 }
@@ -158,7 +181,7 @@ impl Pool {
                 Ok(response) => return Ok(response),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if attempt == 1 => {
-                        lock(&self.inner.h2).take();
+                        lock(&self.inner.h2).sender.take();
                         request = unsent;
                     }
                     _ => {
@@ -168,6 +191,57 @@ impl Pool {
                         });
                     }
                 },
+            }
+        }
+    }
+
+    /// The endpoint's HTTP/2 connection, opened if there is none. While one
+    /// request opens it, the others wait for it; if that fails, each then
+    /// tries on its own (so a dead endpoint costs each request one connect
+    /// timeout at most twice, never a queue of them).
+    async fn h2_sender(
+        &self,
+        addr: SocketAddr,
+        security: Security<'_>,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let mut waited = false;
+        loop {
+            // Decided under the lock, acted on after it.
+            let step = {
+                let mut slot = lock(&self.inner.h2);
+                if let Some(sender) = slot.sender.as_ref().filter(|s| !s.is_closed()) {
+                    return Ok(sender.clone());
+                }
+                match &slot.connecting {
+                    Some(connecting) if !waited => Err(connecting.clone()),
+                    _ => {
+                        let (wake, waiters) = watch::channel(());
+                        slot.connecting = Some(waiters.clone());
+                        Ok(Connecting {
+                            pool: &self.inner,
+                            waiters,
+                            _wake: wake,
+                        })
+                    }
+                }
+            };
+            match step {
+                Ok(connecting) => {
+                    // Boxed: the connect and TLS handshake futures are
+                    // large, and inline they would make every request's
+                    // future (spawned per request) as large.
+                    let sender = Box::pin(connect_h2(addr, security, connect_timeout)).await?;
+                    lock(&self.inner.h2).sender = Some(sender.clone());
+                    drop(connecting);
+                    return Ok(sender);
+                }
+                // Woken when the connecting request is done, whatever
+                // became of it (its sender dropped).
+                Err(mut wait) => {
+                    let _ = wait.changed().await;
+                    waited = true;
+                }
             }
         }
     }
@@ -185,8 +259,9 @@ impl Pool {
             attempt += 1;
             let (mut sender, fresh) = match self.idle_h1() {
                 Some(s) => (s, false),
+                // Boxed, as in `send_h2`.
                 None => (
-                    connect_h1(addr, security, connect_timeout, false).await?,
+                    Box::pin(connect_h1(addr, security, connect_timeout, false)).await?,
                     true,
                 ),
             };
@@ -363,27 +438,48 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Builds the request for one hop from the downstream request's head: the
 /// target in the form the hop needs and the authority the application
 /// used (`Host` for HTTP/1.1, `:authority` for HTTP/2).
+///
+/// The target is assembled from the parts already parsed (shared buffers),
+/// not formatted and parsed again.
 pub fn request(
     parts: &http::request::Parts,
-    authority: &str,
+    authority: &Authority,
     hop: Hop,
     body: Body,
 ) -> Result<Request<Body>, ProxyError> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut builder = Request::builder().method(parts.method.clone());
-    builder = match hop {
-        Hop::Http1 => builder.version(http::Version::HTTP_11).uri(path),
-        Hop::Http2 => builder
-            .version(http::Version::HTTP_2)
-            .uri(format!("http://{authority}{path}")),
+    let mut target = http::uri::Parts::default();
+    target.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    let version = match hop {
+        Hop::Http1 => http::Version::HTTP_11,
+        Hop::Http2 => {
+            target.scheme = Some(Scheme::HTTP);
+            target.authority = Some(authority.clone());
+            http::Version::HTTP_2
+        }
     };
-    let mut request = builder
-        .body(body)
-        .map_err(|e| ProxyError::BadRequest(format!("cannot forward {authority}{path}: {e}")))?;
+    let uri = Uri::from_parts(target).map_err(|e| {
+        ProxyError::BadRequest(format!(
+            "cannot forward {authority}{}: {e}",
+            parts.uri.path()
+        ))
+    })?;
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
     *request.headers_mut() = parts.headers.clone();
     match hop {
         Hop::Http1 => {
-            if let Ok(host) = http::HeaderValue::from_str(authority) {
+            let host = request.headers().get(http::header::HOST);
+            if host.map(|h| h.as_bytes()) != Some(authority.as_str().as_bytes())
+                && let Ok(host) = http::HeaderValue::from_str(authority.as_str())
+            {
                 request.headers_mut().insert(http::header::HOST, host);
             }
         }

@@ -58,6 +58,10 @@ pub const TRAILERS_HEADER: &str = "x-echo-trailers";
 pub const TRAILER: &str = "x-echo-trailer";
 /// Request header: add `NAME: VALUE` to the response.
 pub const RESPONSE_HEADER: &str = "x-echo-response-header";
+/// Request header: answer 200 at once, without reading the request body
+/// (as a server rejecting an upload, or nginx serving a static answer,
+/// does; over HTTP/2 the server then resets the rest of the request).
+pub const EARLY_HEADER: &str = "x-echo-early";
 
 /// What the application received, as it answers it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,6 +223,12 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new());
+            // Like nginx, it ignores frames that arrive on streams it has
+            // reset (a client's DATA crossing an early answer's reset),
+            // instead of counting them as the client's errors and closing
+            // the connection after 1,024: the sidecars' own connections
+            // are what the tests watch.
+            builder.http2().max_local_error_reset_streams(None);
             // Errors here are peers going away mid-request (a timeout at
             // the proxy, say): what the test checks is what its client saw.
             let _ = builder
@@ -276,6 +286,9 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<EchoBody> {
         })
         .collect();
     let fail = should_fail(state);
+    if req.headers().contains_key(EARLY_HEADER) {
+        return respond(state, version, StatusCode::OK, full("early"));
+    }
 
     let (parts, mut body) = req.into_parts();
     let mut check = PatternCheck::new();

@@ -157,3 +157,21 @@ pub fn check_python_grpc() -> Result<()> {
         .clone()
         .map_err(anyhow::Error::msg)
 }
+
+/// Fails with what to install unless Python's `h2` (the raw HTTP/2 client
+/// of `tests/peers/h2_late_body.py`) imports.
+pub fn check_python_h2() -> Result<()> {
+    static CHECKED: OnceLock<Result<(), String>> = OnceLock::new();
+    CHECKED
+        .get_or_init(|| {
+            python_eval("import h2; print(h2.__version__)")
+                .map(drop)
+                .map_err(|e| {
+                    format!(
+                        "Python h2 is missing: `{INSTALL_PEERS}` installs it (h2==4.4.1): {e:#}"
+                    )
+                })
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}

@@ -12,7 +12,9 @@ use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use remora_tests::TestDir;
 use remora_tests::app_client::{AppClient, full};
-use remora_tests::echo::{EchoServer, Echoed, RESPONSE_HEADER, TRAILER, TRAILERS_HEADER};
+use remora_tests::echo::{
+    EARLY_HEADER, EchoServer, Echoed, RESPONSE_HEADER, TRAILER, TRAILERS_HEADER,
+};
 use remora_tests::grpc::{GrpcServer, Method as Rpcm, Rpc};
 use remora_tests::mesh::MeshFile;
 use remora_tests::pattern::PatternBody;
@@ -177,6 +179,116 @@ async fn app_connections(dir: &TestDir) -> Result<()> {
         opened <= BURST as u64 + 10,
         "three bursts of {BURST} concurrent requests opened {opened} connections to the \
          application: idle connections were closed instead of kept for reuse"
+    );
+    Ok(())
+}
+
+/// Requests with a body to an application that answers before reading it.
+const EARLY: usize = 20_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_early_answered_requests_shares_one_connection_between_sidecars() {
+    let dir = TestDir::new("proxy-early-answers");
+    dir.check(early_answers(&dir).await);
+}
+
+/// 128 concurrent requests from the start: they wait for the one mTLS
+/// connection the first of them opens, instead of each opening its own.
+/// And an h2c application that answers before reading the request body
+/// resets the rest of each request (RST_STREAM NO_ERROR, RFC 9113 section
+/// 8.1): the server sidecar must not pass that on as resets of streams
+/// whose data is already on its way, as h2 counts the frames that then
+/// arrive on closed streams as the peer's errors and, after 1,024, closes
+/// the whole connection (ENHANCE_YOUR_CALM). Either costs handshakes and
+/// fails the requests in flight.
+async fn early_answers(dir: &TestDir) -> Result<()> {
+    use futures::StreamExt;
+
+    let (topology, _web, h2app, _h2quiet) = http_topology(dir).await?;
+    let client = AppClient::new(topology.client().outbound_addr(), AppProtocol::Http2);
+    let statuses: Vec<Result<StatusCode>> = futures::stream::iter(0..EARLY)
+        .map(|_| async {
+            let request = client
+                .request(Method::POST, H2APP, "/early")
+                .header(EARLY_HEADER, "1")
+                .body(full(vec![7u8; 2048]))?;
+            Ok(client.exchange(request).await?.status)
+        })
+        .buffer_unordered(128)
+        .collect()
+        .await;
+    let mut failed = 0;
+    for status in statuses {
+        if status? != StatusCode::OK {
+            failed += 1;
+        }
+    }
+    let seen = h2app.requests();
+    let server = topology.sidecar("h2app")?;
+    let handshakes = server
+        .metric_value(
+            "remora_proxy_tls_handshakes_total",
+            &[("direction", "inbound")],
+        )
+        .await?
+        .unwrap_or(0.0);
+    ensure!(
+        failed == 0 && seen >= EARLY as u64 && handshakes == 1.0,
+        "{EARLY} requests answered before their bodies were read: {failed} not answered 200, \
+         {seen} reached the application, and the server sidecar accepted {handshakes} mTLS \
+         connections (1 expected: the connection between the sidecars must survive)"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_still_arriving_after_an_early_answer_is_read_not_reset() {
+    let dir = TestDir::new("proxy-late-body");
+    dir.check(late_body(&dir).await);
+}
+
+/// The frame-level view of the case above: a raw HTTP/2 client
+/// (`tests/peers/h2_late_body.py`) sends a request's HEADERS, waits for the
+/// early answer, then sends the body. The sidecars read it to its end (the
+/// stream ends normally) rather than resetting the stream.
+async fn late_body(dir: &TestDir) -> Result<()> {
+    remora_tests::workspace::check_python_h2()?;
+    let (topology, _web, h2app, _h2quiet) = http_topology(dir).await?;
+    let script = remora_tests::workspace::peer_script("h2_late_body.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(remora_tests::workspace::python())
+            .arg(&script)
+            .args(["--addr", &topology.client().outbound_addr().to_string()])
+            .args(["--authority", H2APP, "--path", "/early"])
+            .args(["--header", &format!("{EARLY_HEADER}:1")])
+            .args(["--requests", "5"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("h2_late_body.py did not finish within 30 s")??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "h2_late_body.py failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("h2_late_body.py printed {stdout:?}"))?;
+    let requests = report["requests"].as_array().cloned().unwrap_or_default();
+    ensure!(requests.len() == 5, "h2_late_body.py reported {report}");
+    for (n, r) in requests.iter().enumerate() {
+        ensure!(
+            r["status"] == 200 && r["reset"].is_null(),
+            "request {n}: {r} (expected status 200 and no RST_STREAM: the rest of a request \
+             answered early is read, not reset); all: {report}"
+        );
+    }
+    ensure!(
+        h2app.requests() >= 5,
+        "the application saw {} of 5 requests",
+        h2app.requests()
     );
     Ok(())
 }

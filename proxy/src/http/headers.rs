@@ -9,7 +9,10 @@
 //! application into the mesh, so a caller cannot spoof them.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
 use http::{Method, Request, Version};
+
+use crate::errors::ProxyError;
 
 /// Sent from the outbound sidecar to the inbound one: the protocol the
 /// destination application speaks (`http1` or `http2`).
@@ -88,12 +91,18 @@ pub fn is_upgrade<B>(request: &Request<B>) -> bool {
 
 /// The authority a request is addressed to: the URI's (HTTP/2
 /// `:authority`, or an absolute-form HTTP/1.1 target), else `Host`.
-pub fn authority<B>(request: &Request<B>) -> Option<&str> {
-    request
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| request.headers().get(header::HOST)?.to_str().ok())
+/// Taken as an [`Authority`] (a shared buffer) so that each hop's request
+/// reuses it instead of formatting and re-parsing a URI.
+pub fn authority<B>(request: &Request<B>) -> Result<Authority, ProxyError> {
+    if let Some(authority) = request.uri().authority() {
+        return Ok(authority.clone());
+    }
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .ok_or(ProxyError::NoAuthority)?;
+    Authority::try_from(host.as_bytes())
+        .map_err(|e| ProxyError::BadRequest(format!("invalid Host header {host:?}: {e}")))
 }
 
 /// True when the request is gRPC.

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 
 use crate::config::{RetryOn, RetryPolicy};
 use crate::errors::ProxyError;
+use crate::http::drain::Drained;
 use crate::http::headers::grpc_status;
 use crate::upstream::BoxError;
 
@@ -204,7 +205,7 @@ pub struct ReplayBody {
 
 #[derive(Debug)]
 struct Replay {
-    original: Option<Incoming>,
+    original: Option<Drained>,
     /// Data frames read so far, while under the limit.
     frames: Vec<Bytes>,
     length: usize,
@@ -219,7 +220,7 @@ struct Replay {
 
 impl ReplayBody {
     /// The first try's body, and what makes the next ones.
-    pub fn new(original: Incoming) -> (ReplayBody, Replayer) {
+    pub fn new(original: Drained) -> (ReplayBody, Replayer) {
         let size_hint = original.size_hint();
         let shared = Arc::new(Mutex::new(Replay {
             original: Some(original),
