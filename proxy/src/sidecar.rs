@@ -50,10 +50,19 @@ pub fn main(bootstrap: Bootstrap) -> ExitCode {
         reload_handle.reload(filter).map_err(|e| e.to_string())
     });
 
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if bootstrap.workers > 0 {
-        runtime.worker_threads(bootstrap.workers);
-    }
+    // One worker: tokio's single-threaded scheduler, on the main thread.
+    // The multi-threaded one with one worker runs tasks on a worker thread
+    // while the main thread waits in `block_on`, and pays for work stealing
+    // no one does (linkerd2-proxy makes the same choice for one core).
+    let mut runtime = if bootstrap.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        if bootstrap.workers > 0 {
+            runtime.worker_threads(bootstrap.workers);
+        }
+        runtime
+    };
     let runtime = match runtime.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
