@@ -401,37 +401,27 @@ class Topology:
         ]
         if workers is not None:
             common += ["--workers", str(workers)]
-        srv = self.procs.start(
-            "remora-server",
-            [
+        def server(name: str, service: str, out: str, inbound: str, admin: str,
+                   app: str, protocol: str) -> subprocess.Popen:
+            return self.procs.start(name, [
                 str(self.bins["proxy"]), *common,
-                "--node-id", "web-remora-1", "--service", "web-remora",
-                "--service-account", "web-remora",
-                "--token-file", str(self.work / "web-remora.token"),
+                "--node-id", f"{service}-1", "--service", service,
+                "--service-account", service,
+                "--token-file", str(self.work / f"{service}.token"),
                 # A port of its own, not 0: an ephemeral port may be one
                 # picked above for another listener (it once took Envoy's
                 # outbound port and answered Envoy's requests itself).
-                "--outbound-addr", f"127.0.0.1:{p['remora_sout']}",
-                "--inbound-addr", f"127.0.0.1:{p['remora_in']}",
-                "--admin-addr", f"127.0.0.1:{p['remora_sadmin']}",
-                "--app-addr", f"127.0.0.1:{p['nginx_h1']}",
-                "--app-protocol", "http1",
-            ],
-        )
-        gsrv = self.procs.start(
-            "remora-grpc-server",
-            [
-                str(self.bins["proxy"]), *common,
-                "--node-id", "grpc-remora-1", "--service", "grpc-remora",
-                "--service-account", "grpc-remora",
-                "--token-file", str(self.work / "grpc-remora.token"),
-                "--outbound-addr", f"127.0.0.1:{p['remora_gout']}",
-                "--inbound-addr", f"127.0.0.1:{p['remora_gin']}",
-                "--admin-addr", f"127.0.0.1:{p['remora_gadmin']}",
-                "--app-addr", f"127.0.0.1:{p['nginx_h2']}",
-                "--app-protocol", "http2",
-            ],
-        )
+                "--outbound-addr", f"127.0.0.1:{p[out]}",
+                "--inbound-addr", f"127.0.0.1:{p[inbound]}",
+                "--admin-addr", f"127.0.0.1:{p[admin]}",
+                "--app-addr", f"127.0.0.1:{p[app]}",
+                "--app-protocol", protocol,
+            ])
+
+        srv = server("remora-server", "web-remora", "remora_sout", "remora_in", "remora_sadmin",
+                     "nginx_h1", "http1")
+        gsrv = server("remora-grpc-server", "grpc-remora", "remora_gout", "remora_gin",
+                      "remora_gadmin", "nginx_h2", "http2")
         cli = self.procs.start(
             "remora-client",
             [
