@@ -73,7 +73,7 @@ pub enum ProxyError {
         /// The endpoint.
         addr: std::net::SocketAddr,
         /// Why.
-        source: hyper::Error,
+        source: crate::upstream::BoxError,
     },
     /// The route timeout expired.
     #[error("route timeout of {0:?} expired")]

@@ -30,7 +30,7 @@ use crate::http::retry::{self, ReplayBody};
 use crate::http::upgrade;
 use crate::metrics::{Direction, Metrics};
 use crate::tls::TlsContext;
-use crate::upstream::{self, Body, Hop, Security};
+use crate::upstream::{self, Body, Hop, ResponseBody, Security};
 
 /// How long a request on a route without a timeout may wait for its
 /// response to start.
@@ -152,7 +152,7 @@ impl Outbound {
         parts: &http::request::Parts,
         body: Incoming,
         authority: &Authority,
-    ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+    ) -> Result<(Response<ResponseBody>, InFlight), ProxyError> {
         let action = &route.action;
         let tries = async {
             let Some(policy) = action.retry.as_ref() else {
@@ -233,7 +233,7 @@ impl Outbound {
         body: Incoming,
         authority: &Authority,
         downstream: hyper::upgrade::OnUpgrade,
-    ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+    ) -> Result<(Response<ResponseBody>, InFlight), ProxyError> {
         let (cluster, endpoint) = pick(route, None)?;
         let addr = endpoint.key.proxy.unwrap_or(endpoint.key.app);
         let mut request = upstream::request(parts, authority, Hop::Http1, boxed(body))?;
@@ -260,7 +260,7 @@ impl Outbound {
         parts: &http::request::Parts,
         authority: &Authority,
         body: Body,
-    ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+    ) -> Result<(Response<ResponseBody>, InFlight), ProxyError> {
         let (addr, hop) = match endpoint.key.proxy {
             Some(proxy) => (proxy, Hop::Http2),
             None => (endpoint.key.app, hop_for(cluster.protocol)),

@@ -8,11 +8,16 @@
 //! identity ([`Security`]). HTTP/2 uses one multiplexed connection per
 //! endpoint, so mTLS costs one handshake per endpoint, not per request;
 //! HTTP/1.1 keeps idle keep-alive connections and returns a connection to
-//! the pool once its response is done.
+//! the pool once its response is done; its client side is our own
+//! (`upstream/http1.rs` says why).
+
+mod http1;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,7 +25,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -33,6 +38,44 @@ use crate::tls::{Alpn, TlsContext};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type the proxy sends and returns.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A response body as it comes from an endpoint.
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// From hyper: HTTP/2, and HTTP/1.1 upgrades.
+    Hyper(Incoming),
+    /// From our HTTP/1.1 client.
+    Http1(http1::ResponseBody),
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ResponseBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Hyper(b) => b.is_end_stream(),
+            ResponseBody::Http1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ResponseBody::Hyper(b) => b.size_hint(),
+            ResponseBody::Http1(b) => b.size_hint(),
+        }
+    }
+}
 
 /// How long an idle HTTP/1.1 connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -51,12 +94,8 @@ const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 /// 682-713 MiB/s with 1 MiB).
 const H2_STREAM_WINDOW: u32 = 512 << 10;
 const H2_CONNECTION_WINDOW: u32 = 1 << 20;
-/// The most an HTTP/1.1 connection buffers for reads and writes (hyper's
-/// default is about 400 KiB). A connection keeps its buffer's capacity
-/// while it idles in the pool, so with hyper's default every pooled
-/// connection that once carried a large body held 400 KiB: the server
-/// sidecar grew by 10 MiB in the 1 MiB-response benchmark. 128 KiB per
-/// read still moves bodies in few system calls.
+/// The most hyper's HTTP/1.1 client buffers for an upgrade's request and
+/// response (its default is about 400 KiB).
 const H1_MAX_BUF: usize = 128 << 10;
 
 /// Connection settings shared by clusters with the same connect timeout.
@@ -108,7 +147,7 @@ struct PoolInner {
     h2: Mutex<H2Slot>,
     /// Idle connections, the most recently used at the back (reused
     /// first, so a burst's extra connections age out at the front).
-    h1: Mutex<VecDeque<(http1::SendRequest<Body>, Instant)>>,
+    h1: Mutex<VecDeque<(http1::Connection, Instant)>>,
 }
 
 /// The endpoint's HTTP/2 connection.
@@ -154,9 +193,12 @@ impl Pool {
         security: Security<'_>,
         connect_timeout: Duration,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         match hop {
-            Hop::Http2 => self.send_h2(addr, security, connect_timeout, request).await,
+            Hop::Http2 => Ok(self
+                .send_h2(addr, security, connect_timeout, request)
+                .await?
+                .map(ResponseBody::Hyper)),
             Hop::Http1 => self.send_h1(addr, security, connect_timeout, request).await,
         }
     }
@@ -180,7 +222,10 @@ impl Pool {
                 if attempt == 1 {
                     continue;
                 }
-                return Err(ProxyError::Reset { addr, source });
+                return Err(ProxyError::Reset {
+                    addr,
+                    source: source.into(),
+                });
             }
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(response),
@@ -192,7 +237,7 @@ impl Pool {
                     _ => {
                         return Err(ProxyError::Reset {
                             addr,
-                            source: e.into_error(),
+                            source: e.into_error().into(),
                         });
                     }
                 },
@@ -257,69 +302,64 @@ impl Pool {
         security: Security<'_>,
         connect_timeout: Duration,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         let mut request = request;
-        let mut attempt = 0;
         loop {
-            attempt += 1;
-            let (mut sender, fresh) = match self.idle_h1() {
-                Some(s) => (s, false),
+            let (conn, reused) = match self.idle_h1() {
+                Some(conn) => (conn, true),
                 // Boxed, as in `send_h2`.
                 None => (
-                    Box::pin(connect_h1(addr, security, connect_timeout, false)).await?,
-                    true,
+                    Box::pin(connect_h1(addr, security, connect_timeout)).await?,
+                    false,
                 ),
             };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    self.recycle_h1(sender);
-                    return Ok(response);
+            match http1::send(conn, request, reused, &self.inner).await {
+                Ok(response) => return Ok(response.map(ResponseBody::Http1)),
+                // A kept-alive connection the server had closed: the
+                // others idle as long may be closed too (the server
+                // restarted); send on a new one.
+                Err(http1::Failure::Stale(unsent)) => {
+                    lock(&self.inner.h1).clear();
+                    request = *unsent;
                 }
-                Err(mut e) => match e.take_message() {
-                    // A kept-alive connection the server had closed: the
-                    // request never left, send it on a new one.
-                    Some(unsent) if attempt == 1 && !fresh => request = unsent,
-                    _ => {
-                        return Err(ProxyError::Reset {
-                            addr,
-                            source: e.into_error(),
-                        });
-                    }
-                },
+                Err(http1::Failure::Error(e)) => {
+                    return Err(ProxyError::Reset {
+                        addr,
+                        source: e.into(),
+                    });
+                }
             }
         }
     }
 
-    fn idle_h1(&self) -> Option<http1::SendRequest<Body>> {
+    /// The most recently used idle connection still open.
+    fn idle_h1(&self) -> Option<http1::Connection> {
         let mut idle = lock(&self.inner.h1);
-        while let Some((sender, since)) = idle.pop_back() {
-            if sender.is_ready() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(sender);
+        while let Some((mut conn, since)) = idle.pop_back() {
+            if since.elapsed() < IDLE_TIMEOUT && conn.is_open() {
+                return Some(conn);
             }
         }
         None
     }
+}
 
-    /// Puts the connection back once its response has been read.
-    fn recycle_h1(&self, mut sender: http1::SendRequest<Body>) {
-        let pool = self.inner.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let now = Instant::now();
-                let mut idle = lock(&pool.h1);
-                // Close what has idled too long or was closed by the
-                // server, oldest first, so unused connections do not
-                // outlive the idle timeout for want of a burst.
-                while idle.front().is_some_and(|(s, since)| {
-                    now.duration_since(*since) >= IDLE_TIMEOUT || s.is_closed()
-                }) {
-                    idle.pop_front();
-                }
-                if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                    idle.push_back((sender, now));
-                }
-            }
-        });
+impl PoolInner {
+    /// Puts a connection back once its response has been read.
+    fn recycle_h1(&self, conn: http1::Connection) {
+        let now = Instant::now();
+        let mut idle = lock(&self.h1);
+        // Close what has idled too long or was closed by the server, oldest
+        // first, so unused connections do not outlive the idle timeout (or
+        // the server's) for want of a burst.
+        while idle.front_mut().is_some_and(|(conn, since)| {
+            now.duration_since(*since) >= IDLE_TIMEOUT || !conn.is_open()
+        }) {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push_back((conn, now));
+        }
     }
 }
 
@@ -330,12 +370,26 @@ pub async fn send_upgrade(
     security: Security<'_>,
     connect_timeout: Duration,
     request: Request<Body>,
-) -> Result<Response<Incoming>, ProxyError> {
-    let mut sender = connect_h1(addr, security, connect_timeout, true).await?;
-    sender
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let tcp = connect(addr, connect_timeout).await?;
+    let mut sender = match security {
+        Security::Plaintext => handshake_upgrade(addr, TokioIo::new(tcp)).await?,
+        Security::Mtls { tls, server_name } => {
+            let stream = tls
+                .connect(tcp, server_name.clone(), Alpn::Http11, connect_timeout)
+                .await
+                .map_err(|source| ProxyError::Tls { addr, source })?;
+            handshake_upgrade(addr, TokioIo::new(stream)).await?
+        }
+    };
+    let response = sender
         .send_request(request)
         .await
-        .map_err(|source| ProxyError::Reset { addr, source })
+        .map_err(|source| ProxyError::Reset {
+            addr,
+            source: source.into(),
+        })?;
+    Ok(response.map(ResponseBody::Hyper))
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
@@ -381,7 +435,10 @@ where
         .max_header_list_size(64 << 10)
         .handshake(io)
         .await
-        .map_err(|source| ProxyError::Reset { addr, source })?;
+        .map_err(|source| ProxyError::Reset {
+            addr,
+            source: source.into(),
+        })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(%addr, error = %e, "HTTP/2 connection closed");
@@ -394,42 +451,41 @@ async fn connect_h1(
     addr: SocketAddr,
     security: Security<'_>,
     timeout: Duration,
-    upgrades: bool,
-) -> Result<http1::SendRequest<Body>, ProxyError> {
+) -> Result<http1::Connection, ProxyError> {
     let tcp = connect(addr, timeout).await?;
-    match security {
-        Security::Plaintext => handshake_h1(addr, TokioIo::new(tcp), upgrades).await,
+    let io = match security {
+        Security::Plaintext => http1::Io::Plain(tcp),
         Security::Mtls { tls, server_name } => {
             let stream = tls
                 .connect(tcp, server_name.clone(), Alpn::Http11, timeout)
                 .await
                 .map_err(|source| ProxyError::Tls { addr, source })?;
-            handshake_h1(addr, TokioIo::new(stream), upgrades).await
+            http1::Io::Tls(Box::new(stream))
         }
-    }
+    };
+    Ok(http1::Connection::new(io))
 }
 
-async fn handshake_h1<I>(
+/// hyper's HTTP/1.1 client, for an upgrade: it hands over the upgraded
+/// stream.
+async fn handshake_upgrade<I>(
     addr: SocketAddr,
     io: I,
-    upgrades: bool,
-) -> Result<http1::SendRequest<Body>, ProxyError>
+) -> Result<hyper::client::conn::http1::SendRequest<Body>, ProxyError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (sender, connection) = http1::Builder::new()
+    let (sender, connection) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(H1_MAX_BUF)
         .handshake(io)
         .await
-        .map_err(|source| ProxyError::Reset { addr, source })?;
+        .map_err(|source| ProxyError::Reset {
+            addr,
+            source: source.into(),
+        })?;
     tokio::spawn(async move {
-        let result = if upgrades {
-            connection.with_upgrades().await
-        } else {
-            connection.await
-        };
-        if let Err(e) = result {
-            tracing::debug!(%addr, error = %e, "HTTP/1.1 connection closed");
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!(%addr, error = %e, "HTTP/1.1 upgrade connection closed");
         }
     });
     Ok(sender)

@@ -28,6 +28,8 @@
 //! - [`app_client`]: HTTP/1.1 and h2c requests from an application to its
 //!   sidecar, any method, headers and body;
 //! - [`pattern`]: large streamed bodies checked chunk by chunk;
+//! - [`scripted`]: an HTTP/1.1 application whose answers are raw bytes,
+//!   for framings a hyper application never produces;
 //! - [`load`]: background traffic that counts every failure;
 //! - [`websocket`]: a WebSocket echo application and client;
 //! - [`ads`]: a scripted ADS server in Python (`tests/peers/ads_server.py`)
@@ -51,6 +53,7 @@ pub mod netns;
 pub mod pattern;
 pub mod process;
 pub mod proxy;
+pub mod scripted;
 pub mod shop;
 pub mod testdir;
 pub mod topology;

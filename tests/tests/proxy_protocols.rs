@@ -183,6 +183,196 @@ async fn app_connections(dir: &TestDir) -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_http1_framing_an_application_may_answer_with_reaches_the_caller() {
+    let dir = TestDir::new("proxy-app-framings");
+    dir.check(app_framings(&dir).await);
+}
+
+/// The sidecar's HTTP/1.1 client meets an application that writes its
+/// answers byte by byte: chunk extensions and trailers, interim 1xx
+/// answers, HTTP/1.0, a body ended by the close, large heads; a broken
+/// answer is a 502 and a truncated body an error, never a hang; and a
+/// server that closes kept-alive connections costs no failed request.
+async fn app_framings(dir: &TestDir) -> Result<()> {
+    use remora_tests::scripted::{After, ScriptedServer};
+    let ok = |body: &str| {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // Past the 4 KiB read buffer, within the 16 KiB a hyper HTTP/2 client
+    // accepts.
+    let big = "b".repeat(12 << 10);
+    let huge = "h".repeat(70 << 10);
+    let app = ScriptedServer::start(vec![
+        (
+            "/chunked",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-t\r\n\r\n\
+              5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-t: done\r\n\r\n"
+                .to_vec(),
+            After::KeepOpen,
+        ),
+        (
+            "/interim",
+            format!(
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n{}",
+                ok("ok")
+            )
+            .into_bytes(),
+            After::KeepOpen,
+        ),
+        (
+            "/close-delimited",
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nread until the close".to_vec(),
+            After::Close,
+        ),
+        (
+            "/http10",
+            b"HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\nold".to_vec(),
+            After::Close,
+        ),
+        (
+            "/big-head",
+            format!("HTTP/1.1 200 OK\r\nx-big: {big}\r\ncontent-length: 2\r\n\r\nok").into_bytes(),
+            After::KeepOpen,
+        ),
+        (
+            "/huge-head",
+            format!("HTTP/1.1 200 OK\r\nx-huge: {huge}\r\ncontent-length: 2\r\n\r\nok")
+                .into_bytes(),
+            After::Close,
+        ),
+        (
+            "/garbage",
+            b"HTTP/1.1 2x0 Nope\r\n\r\n".to_vec(),
+            After::Close,
+        ),
+        (
+            "/short",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec(),
+            After::Close,
+        ),
+        ("/kept", ok("kept").into_bytes(), After::KeepOpen),
+        ("/dropped", ok("dropped").into_bytes(), After::Close),
+        ("/drop-next", ok("next").into_bytes(), After::DropNext),
+    ])
+    .await?;
+    let mut mesh = MeshFile::parse(MESH)?;
+    remora_tests::topology::keep_services(&mut mesh, &["web.test"])?;
+    let topology =
+        Topology::start(dir, mesh, vec![App::new("web", "web.test", app.addr())]).await?;
+    let client = AppClient::new(topology.client().outbound_addr(), AppProtocol::Http2);
+    let get = |path: &'static str| client.get(WEB, path, &[]);
+
+    let reply = get("/chunked").await?;
+    ensure!(
+        reply.status == StatusCode::OK && reply.body == "hello world",
+        "chunked: {}",
+        reply.describe()
+    );
+    let trailer = reply.trailers.as_ref().and_then(|t| t.get("x-t"));
+    ensure!(
+        trailer.is_some_and(|v| v == "done"),
+        "chunked: the trailer x-t: done did not arrive: {:?}",
+        reply.trailers
+    );
+    for (path, body) in [
+        ("/interim", "ok"),
+        ("/close-delimited", "read until the close"),
+        ("/http10", "old"),
+        ("/big-head", "ok"),
+    ] {
+        let reply = get(path).await?;
+        ensure!(
+            reply.status == StatusCode::OK && reply.body == body,
+            "{path}: {}",
+            reply.describe()
+        );
+    }
+    for path in ["/huge-head", "/garbage"] {
+        let reply = get(path).await?;
+        ensure!(
+            reply.status == StatusCode::BAD_GATEWAY
+                && reply.remora_error() == Some("upstream_reset"),
+            "{path}: expected 502 upstream_reset, got {}",
+            reply.describe()
+        );
+    }
+    // The caller sees the stream fail, or a 502 if the reset overtook the
+    // response head between the sidecars; never a whole-looking 200.
+    let short = tokio::time::timeout(Duration::from_secs(10), get("/short")).await;
+    ensure!(
+        match &short {
+            Ok(Err(_)) => true,
+            Ok(Ok(reply)) => reply.status == StatusCode::BAD_GATEWAY,
+            Err(_) => false,
+        },
+        "/short: a body the application cut short must end in an error within 10 s, got {:?}",
+        short.map(|r| r.map(|r| r.describe()))
+    );
+
+    let before = app.connections();
+    for i in 0..20 {
+        let reply = get("/kept").await?;
+        ensure!(
+            reply.status == StatusCode::OK,
+            "/kept #{i}: {}",
+            reply.describe()
+        );
+    }
+    let opened = app.connections() - before;
+    ensure!(
+        opened <= 1,
+        "20 requests one after another opened {opened} connections: the kept-alive one was \
+         not reused"
+    );
+    // The application drops a kept-alive connection as the next request
+    // arrives on it (the most recently used idle connection is taken
+    // first): a GET without a body cannot have been acted on and is sent
+    // again on a new connection; a POST is not (RFC 9112 section 9.3.1.1).
+    for i in 0..5 {
+        let reply = get("/drop-next").await?;
+        ensure!(
+            reply.status == StatusCode::OK,
+            "/drop-next #{i}: {}",
+            reply.describe()
+        );
+        let reply = get("/kept").await?;
+        ensure!(
+            reply.status == StatusCode::OK && reply.body == "kept",
+            "a GET on a connection the application dropped #{i}: {}",
+            reply.describe()
+        );
+    }
+    let reply = get("/drop-next").await?;
+    ensure!(
+        reply.status == StatusCode::OK,
+        "/drop-next: {}",
+        reply.describe()
+    );
+    let post = client
+        .exchange(client.request(Method::POST, WEB, "/kept").body(full(""))?)
+        .await?;
+    ensure!(
+        post.status == StatusCode::BAD_GATEWAY,
+        "a POST on a connection the application dropped must not be sent twice: {}",
+        post.describe()
+    );
+    // The server closes each connection after answering, without saying
+    // so; the next request must not be sent on (or fail with) it.
+    for i in 0..50 {
+        let reply = get("/dropped").await?;
+        ensure!(
+            reply.status == StatusCode::OK && reply.body == "dropped",
+            "/dropped #{i}: {}",
+            reply.describe()
+        );
+    }
+    Ok(())
+}
+
 /// Requests with a body to an application that answers before reading it.
 const EARLY: usize = 20_000;
 

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::config::{RetryOn, RetryPolicy};
 use crate::errors::ProxyError;
@@ -134,7 +133,7 @@ fn sum(slots: &[(u64, u64); 10], second: u64) -> u64 {
 // === Whether to retry ===
 
 /// True when the outcome of a try allows another under `policy`.
-pub fn retryable(policy: &RetryPolicy, outcome: Result<&Response<Incoming>, &ProxyError>) -> bool {
+pub fn retryable<B>(policy: &RetryPolicy, outcome: Result<&Response<B>, &ProxyError>) -> bool {
     let on: &RetryOn = &policy.on;
     match outcome {
         Err(
