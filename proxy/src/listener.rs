@@ -24,6 +24,7 @@ use tokio_util::either::Either;
 
 use crate::config::{ConfigStore, InboundMode};
 use crate::detect::{self, Protocol};
+use crate::http::headers;
 use crate::identity::SpiffeId;
 use crate::metrics::{Direction, Metrics};
 use crate::tcp;
@@ -172,7 +173,9 @@ pub async fn serve<M, H, F>(
                 return;
             };
             let handler = make_handler(&peer);
-            let service = service_fn(move |req| {
+            let service = service_fn(move |mut req| {
+                // Before hyper reads the connection again (see there).
+                headers::detach_from_read_buffer(&mut req);
                 let handler = handler.clone();
                 async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
             });

@@ -89,6 +89,44 @@ pub fn is_upgrade<B>(request: &Request<B>) -> bool {
             })
 }
 
+/// Moves an HTTP/1.x request's target and header values out of the
+/// connection's read buffer into one buffer of their own.
+///
+/// hyper hands them over as slices of the buffer it read the head into, so
+/// while the request is in flight that buffer is shared and hyper's next
+/// read on the connection (it keeps reading to notice a client that goes
+/// away) allocates a new 8 KiB one: a second buffer per busy connection, and
+/// an allocation per request. One copy of a few hundred bytes instead keeps
+/// the read buffer reusable (heaptrack, 100 busy connections: 2.1 MiB of
+/// read buffers before). HTTP/2 heads are decoded into buffers of their own
+/// and are left alone.
+pub fn detach_from_read_buffer<B>(request: &mut Request<B>) {
+    if request.version() > Version::HTTP_11 {
+        return;
+    }
+    let values: usize = request.headers().values().map(HeaderValue::len).sum();
+    let mut buf = bytes::BytesMut::with_capacity(values + request.uri().path().len() + 64);
+    // Infallible: writing to memory.
+    let _ = std::fmt::Write::write_fmt(&mut buf, format_args!("{}", request.uri()));
+    let target = buf.len();
+    for value in request.headers().values() {
+        buf.extend_from_slice(value.as_bytes());
+    }
+    let buf = buf.freeze();
+    if let Ok(uri) = http::Uri::from_maybe_shared(buf.slice(..target)) {
+        *request.uri_mut() = uri;
+    }
+    let mut at = target;
+    for value in request.headers_mut().values_mut() {
+        let end = at + value.len();
+        if let Ok(mut copy) = HeaderValue::from_maybe_shared(buf.slice(at..end)) {
+            copy.set_sensitive(value.is_sensitive());
+            *value = copy;
+        }
+        at = end;
+    }
+}
+
 /// The authority a request is addressed to: the URI's (HTTP/2
 /// `:authority`, or an absolute-form HTTP/1.1 target), else `Host`.
 /// Taken as an [`Authority`] (a shared buffer) so that each hop's request
@@ -122,6 +160,27 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_detached_head_keeps_its_target_and_values() {
+        for target in ["/a/b?c=d", "http://web.test:8080/x?y", "*"] {
+            let mut request = Request::builder()
+                .uri(target)
+                .header("host", "web.test")
+                .header("x-multi", "1")
+                .header("x-multi", "2")
+                .body(())
+                .expect("request");
+            let mut secret = HeaderValue::from_static("token");
+            secret.set_sensitive(true);
+            request.headers_mut().insert("authorization", secret);
+            let before = request.headers().clone();
+            detach_from_read_buffer(&mut request);
+            assert_eq!(request.uri().to_string(), target);
+            assert_eq!(request.headers(), &before);
+            assert!(request.headers()["authorization"].is_sensitive());
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_lists_are_removed() {
