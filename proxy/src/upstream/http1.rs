@@ -975,32 +975,25 @@ mod tests {
         assert!(matches!(parse_head(&mut buf), Err(Error::Invalid(_))));
     }
 
+    fn keeps_alive(head: &[u8]) -> bool {
+        let mut buf = BytesMut::from(head);
+        parse_head(&mut buf)
+            .ok()
+            .flatten()
+            .expect("a complete head")
+            .keep_alive
+    }
+
     #[test]
     fn connection_close_and_http10_are_not_kept_alive() {
-        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nConnection: Close\r\n\r\n"[..]);
-        assert!(
-            !parse_head(&mut buf)
-                .ok()
-                .flatten()
-                .expect("head")
-                .keep_alive
-        );
-        let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\n\r\n"[..]);
-        assert!(
-            !parse_head(&mut buf)
-                .ok()
-                .flatten()
-                .expect("head")
-                .keep_alive
-        );
-        let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"[..]);
-        assert!(
-            parse_head(&mut buf)
-                .ok()
-                .flatten()
-                .expect("head")
-                .keep_alive
-        );
+        assert!(!keeps_alive(
+            b"HTTP/1.1 200 OK\r\nConnection: Close\r\n\r\n"
+        ));
+        assert!(!keeps_alive(b"HTTP/1.0 200 OK\r\n\r\n"));
+        assert!(keeps_alive(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"
+        ));
+        assert!(keeps_alive(b"HTTP/1.1 200 OK\r\n\r\n"));
     }
 
     #[test]
