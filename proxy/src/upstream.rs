@@ -30,6 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_util::either::Either;
 
 use crate::errors::ProxyError;
 use crate::tls::{Alpn, TlsContext};
@@ -454,13 +455,13 @@ async fn connect_h1(
 ) -> Result<http1::Connection, ProxyError> {
     let tcp = connect(addr, timeout).await?;
     let io = match security {
-        Security::Plaintext => http1::Io::Plain(tcp),
+        Security::Plaintext => Either::Left(tcp),
         Security::Mtls { tls, server_name } => {
             let stream = tls
                 .connect(tcp, server_name.clone(), Alpn::Http11, timeout)
                 .await
                 .map_err(|source| ProxyError::Tls { addr, source })?;
-            http1::Io::Tls(Box::new(stream))
+            Either::Right(Box::new(stream))
         }
     };
     Ok(http1::Connection::new(io))

@@ -32,9 +32,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 use tokio_util::io::poll_read_buf;
 
 use super::{Body, BoxError, PoolInner};
@@ -60,71 +61,10 @@ const BODY_READ_MIN: usize = 4 << 10;
 /// A write buffer grown past this (a large request head) is not kept.
 const KEEP_WRITE_BUF: usize = 8 << 10;
 
-/// A connection to an endpoint, plaintext or mTLS.
-pub(super) enum Io {
-    /// Plaintext: the local application, or an endpoint without a sidecar.
-    Plain(TcpStream),
-    /// mTLS to a sidecar (boxed: the session is large, the plain case common).
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// A connection to an endpoint: plaintext (the local application, or an
+/// endpoint without a sidecar), or mTLS to a sidecar (boxed: the session is
+/// large, the plaintext case common).
+pub(super) type Io = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// An HTTP/1.1 connection between exchanges: idle in the pool, or
 /// carrying one request and its response.
@@ -441,15 +381,13 @@ fn encode_head(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        if name == TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    write_fields(
+        out,
+        parts
+            .headers
+            .iter()
+            .filter(|(name, _)| *name != TRANSFER_ENCODING),
+    );
     let framing = match content_length(&parts.headers) {
         Ok(Some(n)) => ReqFraming::Length(n),
         Err(_) => {
@@ -479,6 +417,19 @@ fn encode_head(
     };
     out.extend_from_slice(b"\r\n");
     Ok(framing)
+}
+
+/// Writes header (or trailer) fields, one `name: value` line each.
+fn write_fields<'a>(
+    out: &mut Vec<u8>,
+    fields: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Writes the request head, then the body as it arrives.
@@ -555,12 +506,7 @@ impl Writer {
                 if let (Ok(trailers), ReqFraming::Chunked) = (frame.into_trailers(), self.framing) {
                     self.close_chunk();
                     self.prefix.extend_from_slice(b"0\r\n");
-                    for (name, value) in &trailers {
-                        self.prefix.extend_from_slice(name.as_str().as_bytes());
-                        self.prefix.extend_from_slice(b": ");
-                        self.prefix.extend_from_slice(value.as_bytes());
-                        self.prefix.extend_from_slice(b"\r\n");
-                    }
+                    write_fields(&mut self.prefix, &trailers);
                     self.prefix.extend_from_slice(b"\r\n");
                     self.done = true;
                 }
@@ -755,6 +701,13 @@ impl ResponseBody {
         }
     }
 
+    /// The body ended with the connection, or failed (the server closed
+    /// early, or broke the framing): the connection is closed.
+    fn close(&mut self) {
+        self.conn = None;
+        self.framing = Framing::Length(0);
+    }
+
     /// The body has ended: the connection goes back to the pool, or is
     /// closed.
     fn finish(&mut self) {
@@ -896,8 +849,7 @@ impl HttpBody for ResponseBody {
                 };
                 let data = ready!(conn.poll_body(cx, left))?;
                 if data.is_empty() {
-                    this.conn = None;
-                    this.framing = Framing::Length(0);
+                    this.close();
                     return Poll::Ready(Some(Err(Error::Closed("body"))));
                 }
                 let left = left - data.len() as u64;
@@ -913,8 +865,7 @@ impl HttpBody for ResponseBody {
                 };
                 let data = ready!(conn.poll_body(cx, u64::MAX))?;
                 if data.is_empty() {
-                    this.conn = None;
-                    this.framing = Framing::Length(0);
+                    this.close();
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Some(Ok(Frame::data(data))))
@@ -930,8 +881,7 @@ impl HttpBody for ResponseBody {
                         Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
                     }
                     Err(e) => {
-                        this.conn = None;
-                        this.framing = Framing::Length(0);
+                        this.close();
                         Poll::Ready(Some(Err(e)))
                     }
                 }
