@@ -73,7 +73,9 @@ pub struct Bootstrap {
     /// What the application speaks when a peer does not say.
     #[arg(long, env = "REMORA_APP_PROTOCOL", value_enum, default_value = "http1")]
     pub app_protocol: AppProtocolArg,
-    /// Worker threads; 0 means one per core.
+    /// Worker threads serving connections, each with its own connections
+    /// to endpoints; 0 means one per core; 1 serves everything on the main
+    /// thread.
     #[arg(long, env = "REMORA_WORKERS", default_value_t = 0)]
     pub workers: usize,
     /// Seconds to let in-flight requests finish after SIGTERM.

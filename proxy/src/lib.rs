@@ -28,4 +28,5 @@ pub mod tcp;
 pub mod tls;
 pub mod transparent;
 pub mod upstream;
+pub mod workers;
 pub mod xds;

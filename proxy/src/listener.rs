@@ -31,6 +31,7 @@ use crate::tcp;
 use crate::tls::{TlsContext, peer_identity};
 use crate::transparent::{self, Destination};
 use crate::upstream::{Body, Security};
+use crate::workers::Workers;
 
 /// Limits that keep a misbehaving client from costing much (see the h2
 /// reset-flood advisories in FACTS.md): bounded header lists and streams.
@@ -61,6 +62,21 @@ pub enum Side {
     /// config's inbound mode is PERMISSIVE, or when the proxy runs without
     /// identity.
     Inbound(Arc<Intercept>),
+}
+
+impl Side {
+    fn direction(&self) -> Direction {
+        match self {
+            Side::Outbound(_) => Direction::Outbound,
+            Side::Inbound(_) => Direction::Inbound,
+        }
+    }
+
+    fn intercept(&self) -> &Intercept {
+        match self {
+            Side::Outbound(intercept) | Side::Inbound(intercept) => intercept,
+        }
+    }
 }
 
 /// What connection handling needs besides HTTP.
@@ -97,8 +113,7 @@ pub struct Peer {
 /// `make_handler` returns for its [`Peer`].
 pub async fn serve<M, H, F>(
     listener: TcpListener,
-    direction: Direction,
-    metrics: Arc<Metrics>,
+    workers: Arc<Workers>,
     side: Side,
     make_handler: M,
     mut drain: watch::Receiver<bool>,
@@ -126,6 +141,8 @@ pub async fn serve<M, H, F>(
         .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
     let make_handler = Arc::new(make_handler);
+    let direction = side.direction();
+    let metrics = &side.intercept().metrics;
     let label = [direction.as_str()];
     let accepted = metrics.tcp_connections.with_label_values(&label);
     let open = metrics.tcp_open.with_label_values(&label);
@@ -148,19 +165,21 @@ pub async fn serve<M, H, F>(
         };
         let _ = stream.set_nodelay(true);
         accepted.inc();
-        let io = Counted {
-            inner: stream,
-            read: read.clone(),
-            written: written.clone(),
-            _open: OpenGuard::new(open.clone()),
-        };
+        let open = OpenGuard::new(open.clone());
+        let (read, written) = (read.clone(), written.clone());
         let watcher = graceful.watcher();
         let builder = Arc::clone(&builder);
         let make_handler = Arc::clone(&make_handler);
         let side = side.clone();
-        // The handshake runs in the connection's task, so a slow or
-        // hostile client never holds up the accept loop.
-        tokio::spawn(async move {
+        // The handshake runs in the connection's task, on a worker, so a
+        // slow or hostile client never holds up the accept loop.
+        workers.spawn(stream, move |stream| async move {
+            let io = Counted {
+                inner: stream,
+                read,
+                written,
+                _open: open,
+            };
             // Boxed, and freed once the connection is classified: inline,
             // the detection and TLS handshake futures (up to 6 KB) sized
             // the task for the connection's whole life (7.4 KB per

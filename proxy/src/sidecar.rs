@@ -1,5 +1,5 @@
 //! The whole sidecar as one function: logging, runtime, the workload
-//! certificate, the xDS client, the listeners, admin, and draining on
+//! certificate, the xDS client, the listeners and workers, admin, and draining on
 //! SIGTERM. `remora-proxy` calls it,
 //! and so does `remora`, which runs sidecars as child processes of itself.
 
@@ -21,9 +21,10 @@ use crate::identity::client::{CertificateClient, control_plane_id};
 use crate::identity::renew::{self, RenewConfig};
 use crate::inbound::Inbound;
 use crate::listener::{self, Intercept, Peer, Side};
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::tls::{TlsContext, TrustBundle, server_name_for};
+use crate::workers::Workers;
 use crate::xds::{self, XdsConfig, XdsStatus};
 
 /// Runs the sidecar until SIGTERM or Ctrl-C, then drains.
@@ -50,27 +51,31 @@ pub fn main(bootstrap: Bootstrap) -> ExitCode {
         reload_handle.reload(filter).map_err(|e| e.to_string())
     });
 
-    // One worker: tokio's single-threaded scheduler, on the main thread.
-    // The multi-threaded one with one worker runs tasks on a worker thread
-    // while the main thread waits in `block_on`, and pays for work stealing
-    // no one does (linkerd2-proxy makes the same choice for one core).
-    let mut runtime = if bootstrap.workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut runtime = tokio::runtime::Builder::new_multi_thread();
-        if bootstrap.workers > 0 {
-            runtime.worker_threads(bootstrap.workers);
+    // The main thread runs xDS, certificates, admin and the accept loops
+    // on tokio's single-threaded scheduler; requests run on the workers
+    // (`workers.rs`), or here too with one worker (linkerd2-proxy makes
+    // the same choice for one core: no thread to hand work to).
+    let workers = match Workers::start(bootstrap.workers) {
+        Ok(workers) => Arc::new(workers),
+        Err(e) => {
+            eprintln!("cannot start the worker threads: {e}");
+            return ExitCode::FAILURE;
         }
-        runtime
     };
-    let runtime = match runtime.enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(bootstrap, set_log_level)) {
+    let result = runtime.block_on(run(bootstrap, set_log_level, workers.clone()));
+    drop(runtime);
+    workers.stop();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -79,7 +84,11 @@ pub fn main(bootstrap: Bootstrap) -> ExitCode {
     }
 }
 
-async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result<()> {
+async fn run(
+    bootstrap: Bootstrap,
+    set_log_level: SetLogLevel,
+    workers: Arc<Workers>,
+) -> anyhow::Result<()> {
     crate::dns::configure(bootstrap.dns_server);
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(State::new(metrics.clone()));
@@ -202,8 +211,7 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
     let outbound = Arc::new(Outbound::new(store.clone(), metrics.clone(), tls.clone()));
     servers.spawn(listener::serve(
         outbound_listener,
-        Direction::Outbound,
-        metrics.clone(),
+        workers.clone(),
         Side::Outbound(intercept(None)),
         move |peer: &Peer| {
             let outbound = outbound.clone();
@@ -221,8 +229,7 @@ async fn run(bootstrap: Bootstrap, set_log_level: SetLogLevel) -> anyhow::Result
     ));
     servers.spawn(listener::serve(
         inbound_listener,
-        Direction::Inbound,
-        metrics.clone(),
+        workers,
         Side::Inbound(intercept(bootstrap.app_addr)),
         move |peer: &Peer| {
             let inbound = inbound.clone();

@@ -34,6 +34,7 @@ use tokio_util::either::Either;
 
 use crate::errors::ProxyError;
 use crate::tls::{Alpn, TlsContext};
+use crate::workers;
 
 /// Errors a body may carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -137,10 +138,20 @@ pub enum Security<'a> {
     },
 }
 
-/// Connections to one endpoint address.
-#[derive(Debug, Clone, Default)]
+/// Connections to one endpoint address: a set per worker thread (see
+/// `workers.rs`), so a request only ever uses connections driven by its
+/// own thread.
+#[derive(Debug, Clone)]
 pub struct Pool {
-    inner: Arc<PoolInner>,
+    slots: Arc<[Arc<PoolInner>]>,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool {
+            slots: (0..workers::count()).map(|_| Arc::default()).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -219,7 +230,7 @@ impl Pool {
             attempt += 1;
             let mut sender = self.h2_sender(addr, security, connect_timeout).await?;
             if let Err(source) = sender.ready().await {
-                lock(&self.inner.h2).sender.take();
+                lock(&self.slot().h2).sender.take();
                 if attempt == 1 {
                     continue;
                 }
@@ -232,7 +243,7 @@ impl Pool {
                 Ok(response) => return Ok(response),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if attempt == 1 => {
-                        lock(&self.inner.h2).sender.take();
+                        lock(&self.slot().h2).sender.take();
                         request = unsent;
                     }
                     _ => {
@@ -260,7 +271,7 @@ impl Pool {
         loop {
             // Decided under the lock, acted on after it.
             let step = {
-                let mut slot = lock(&self.inner.h2);
+                let mut slot = lock(&self.slot().h2);
                 if let Some(sender) = slot.sender.as_ref().filter(|s| !s.is_closed()) {
                     return Ok(sender.clone());
                 }
@@ -270,7 +281,7 @@ impl Pool {
                         let (wake, waiters) = watch::channel(());
                         slot.connecting = Some(waiters.clone());
                         Ok(Connecting {
-                            pool: &self.inner,
+                            pool: self.slot(),
                             waiters,
                             _wake: wake,
                         })
@@ -283,7 +294,7 @@ impl Pool {
                     // large, and inline they would make every request's
                     // future (spawned per request) as large.
                     let sender = Box::pin(connect_h2(addr, security, connect_timeout)).await?;
-                    lock(&self.inner.h2).sender = Some(sender.clone());
+                    lock(&self.slot().h2).sender = Some(sender.clone());
                     drop(connecting);
                     return Ok(sender);
                 }
@@ -314,13 +325,13 @@ impl Pool {
                     false,
                 ),
             };
-            match http1::send(conn, request, reused, &self.inner).await {
+            match http1::send(conn, request, reused, self.slot()).await {
                 Ok(response) => return Ok(response.map(ResponseBody::Http1)),
                 // A kept-alive connection the server had closed: the
                 // others idle as long may be closed too (the server
                 // restarted); send on a new one.
                 Err(http1::Failure::Stale(unsent)) => {
-                    lock(&self.inner.h1).clear();
+                    lock(&self.slot().h1).clear();
                     request = *unsent;
                 }
                 Err(http1::Failure::Error(e)) => {
@@ -333,9 +344,14 @@ impl Pool {
         }
     }
 
+    /// The calling worker's connections.
+    fn slot(&self) -> &Arc<PoolInner> {
+        &self.slots[workers::index() % self.slots.len()]
+    }
+
     /// The most recently used idle connection still open.
     fn idle_h1(&self) -> Option<http1::Connection> {
-        let mut idle = lock(&self.inner.h1);
+        let mut idle = lock(&self.slot().h1);
         while let Some((mut conn, since)) = idle.pop_back() {
             if since.elapsed() < IDLE_TIMEOUT && conn.is_open() {
                 return Some(conn);

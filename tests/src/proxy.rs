@@ -23,6 +23,12 @@ use crate::process::Child;
 use crate::testdir::TestDir;
 use crate::workspace;
 
+/// Worker threads of every proxy the tests start (`--workers`): two cores
+/// are shared by every test, so not one per core in each of a dozen
+/// proxies. Each worker keeps its own connections to endpoints, so a
+/// sidecar opens up to this many connections to a peer.
+pub const WORKERS: usize = 2;
+
 /// How long the proxy may take to bind its ports.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -208,9 +214,7 @@ impl Proxy {
             .args(["--inbound-addr", "127.0.0.1:0"])
             .args(["--admin-addr", "127.0.0.1:0"])
             .args(["--log", &config.log])
-            // Two cores are shared by every test: do not start one worker
-            // per core in each of a dozen proxies.
-            .args(["--workers", "2"])
+            .args(["--workers", &WORKERS.to_string()])
             .arg("--address-file")
             .arg(&address_file);
         if let Some((app, protocol)) = config.app {
