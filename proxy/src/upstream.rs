@@ -434,7 +434,11 @@ async fn connect_h2(
                 .connect(tcp, server_name.clone(), Alpn::H2, timeout)
                 .await
                 .map_err(|source| ProxyError::Tls { addr, source })?;
-            handshake_h2(addr, TokioIo::new(stream)).await
+            // Boxed: hyper spawns a task per request whose size is that of
+            // its largest kind, the connection's own, which holds the IO
+            // inline; with the TLS session inline each request's task was
+            // 2.7 KB instead of 1.7 KB, allocated and copied per request.
+            handshake_h2(addr, TokioIo::new(Box::new(stream))).await
         }
     }
 }
