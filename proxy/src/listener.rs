@@ -209,6 +209,9 @@ pub async fn serve<M, H, F>(
         });
     }
 
+    // Closed now, so that new connections are refused (and their clients
+    // go elsewhere) instead of waiting in the backlog until the drain ends.
+    drop(listener);
     tracing::info!(direction = direction.as_str(), "draining connections");
     if tokio::time::timeout(grace, graceful.shutdown())
         .await

@@ -329,6 +329,11 @@ impl Proxy {
         self.child.check_running()
     }
 
+    /// How it exited; `None` while it runs.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_exited()
+    }
+
     /// Its memory use now, and its peak.
     pub fn memory(&self) -> Result<Memory> {
         Memory::of(self.pid())
