@@ -108,6 +108,23 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
     }
 }
 
+/// The HTTP version of a connection known to carry HTTP, from the bytes
+/// received so far, as hyper-util tells them apart: HTTP/2 when they start
+/// with its preface, HTTP/1 as soon as they differ from it, `None` while
+/// they are still a part of it.
+pub fn http_version(bytes: &[u8]) -> Option<Protocol> {
+    if bytes.starts_with(H2_PREFACE) {
+        Some(Protocol::Http2)
+    } else if H2_PREFACE.starts_with(bytes) {
+        None
+    } else {
+        Some(Protocol::Http1)
+    }
+}
+
+/// The bytes that [`http_version`] needs at most.
+pub const HTTP_VERSION_BYTES: usize = H2_PREFACE.len();
+
 /// A verdict when the bytes so far settle it, `None` when more are needed.
 fn classify_partial(bytes: &[u8]) -> Option<Protocol> {
     // `PRI * HT...` would pass for an HTTP/1 request line.
@@ -265,6 +282,17 @@ mod tests {
         assert_eq!(classify_partial(b"PRI * HT"), None);
         assert_eq!(classify_partial(b"GE"), None);
         assert_eq!(classify_partial(b"\x00\x01"), Some(Protocol::Opaque));
+    }
+
+    #[test]
+    fn the_http_version_is_told_by_the_preface() {
+        assert_eq!(http_version(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        // POST shares its first byte with the preface.
+        assert_eq!(http_version(b"POST /"), Some(Protocol::Http1));
+        assert_eq!(http_version(b"P"), None);
+        assert_eq!(http_version(b""), None);
+        assert_eq!(http_version(&H2_PREFACE[..10]), None);
+        assert_eq!(http_version(H2_PREFACE), Some(Protocol::Http2));
     }
 
     #[test]

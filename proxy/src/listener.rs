@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -28,7 +29,7 @@ use crate::http::headers;
 use crate::identity::SpiffeId;
 use crate::metrics::{Direction, Metrics};
 use crate::tcp;
-use crate::tls::{TlsContext, peer_identity};
+use crate::tls::{ALPN_HTTP11, TlsContext, peer_identity};
 use crate::transparent::{self, Destination};
 use crate::upstream::{Body, Security};
 use crate::workers::Workers;
@@ -140,6 +141,15 @@ pub async fn serve<M, H, F>(
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
+    // HTTP/1 connections whose version is known without reading go to
+    // hyper's HTTP/1 server directly (see `speaks_http1`), with the same
+    // settings as `builder.http1()` above.
+    let mut http1 = http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    let http1 = Arc::new(http1);
     let make_handler = Arc::new(make_handler);
     let direction = side.direction();
     let metrics = &side.intercept().metrics;
@@ -168,7 +178,9 @@ pub async fn serve<M, H, F>(
         let open = OpenGuard::new(open.clone());
         let (read, written) = (read.clone(), written.clone());
         let watcher = graceful.watcher();
+        let mut drain = drain.clone();
         let builder = Arc::clone(&builder);
+        let http1 = Arc::clone(&http1);
         let make_handler = Arc::clone(&make_handler);
         let side = side.clone();
         // The handshake runs in the connection's task, on a worker, so a
@@ -202,8 +214,28 @@ pub async fn serve<M, H, F>(
                 let response = Box::pin(handler(req));
                 async move { Ok::<_, std::convert::Infallible>(response.await) }
             });
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
+            let served = if speaks_http1(&io).await {
+                let connection = http1
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades();
+                let mut connection = std::pin::pin!(connection);
+                // hyper-util's graceful shutdown cannot watch this
+                // connection type: it is told by `drain` instead, and
+                // `watcher` is held so that the drain waits for it.
+                let _watcher = watcher;
+                tokio::select! {
+                    served = connection.as_mut() => served,
+                    _ = async { let _ = drain.wait_for(|d| *d).await; } => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                }
+                .map_err(Into::into)
+            } else {
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                watcher.watch(connection.into_owned()).await
+            };
+            if let Err(e) = served {
                 tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
             }
         });
@@ -222,6 +254,28 @@ pub async fn serve<M, H, F>(
             ?grace,
             "drain grace period over; closing remaining connections"
         );
+    }
+}
+
+/// Whether a connection speaks HTTP/1, known without reading from it: TLS
+/// that agreed on `http/1.1` by ALPN, or plaintext whose first bytes already
+/// differ from the HTTP/2 preface (peeked). Otherwise hyper-util's server
+/// tells the versions apart, but it reads the first 24 bytes itself and
+/// hands them to hyper's HTTP/1 server as a read of their own; the request
+/// head is then incomplete after hyper's first read, and hyper doubles its
+/// 8 KiB read buffer for the rest, for the connection's whole life
+/// (heaptrack, 100 client connections: 1.6 MiB of read buffers, not 0.8).
+async fn speaks_http1(io: &Secured) -> bool {
+    match io {
+        Either::Left(plain) => {
+            let mut first = [0u8; detect::HTTP_VERSION_BYTES];
+            let peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, plain.inner.peek(&mut first));
+            match peeked.await {
+                Ok(Ok(n)) => detect::http_version(&first[..n]) == Some(Protocol::Http1),
+                _ => false,
+            }
+        }
+        Either::Right(tls) => tls.get_ref().1.alpn_protocol() == Some(ALPN_HTTP11),
     }
 }
 
